@@ -1,0 +1,1 @@
+"""Device meshes, multi-host initialisation and the logical-axis rules table."""

@@ -1,0 +1,65 @@
+"""The one table that maps logical axis names to mesh axes.
+
+Every parameter and activation in bifrost-jax carries logical axis names (``nn.with_logical_partitioning`` and
+``nn.with_logical_constraint``); this table is the only place that decides how they land on the mesh
+``("data", "fsdp", "tensor")``. Rules are tried in order; a logical name absent from the table is replicated.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+import flax.linen as nn
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical name -> mesh axis (or tuple of axes, or None = replicated).
+LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    # activations
+    ("batch", ("data", "fsdp")),
+    ("length", None),            # sequence positions (text, image tokens, patches)
+    ("act_embed", None),         # hidden width of activations
+    ("act_heads", "tensor"),     # attention heads of activations
+    ("act_mlp", "tensor"),       # MLP hidden of activations
+    ("act_kv", None),
+    # parameters
+    ("layers", None),            # the stacked axis of scanned blocks
+    ("embed", "fsdp"),           # model width (rows of most kernels)
+    ("mlp", "tensor"),           # MLP hidden
+    ("heads", "tensor"),         # attention heads (q/k/v/o fused "heads*kv" columns)
+    ("kv_heads", "tensor"),
+    ("kv", None),                # head dim
+    ("vocab", "tensor"),
+    ("norm", None),              # norm scales and biases
+    ("conv_in", None),           # conv kernels: input channels
+    ("conv_out", "tensor"),      # conv kernels: output channels
+    ("conv_hw", None),           # conv spatial taps
+    ("cond", "fsdp"),            # conditioning inputs (CLIP-latent width, VAE channels)
+)
+
+
+def logical_to_mesh_spec(logical: Sequence[str | None] | None, rules=LOGICAL_AXIS_RULES) -> PartitionSpec:
+    """PartitionSpec for one tuple of logical names."""
+    if logical is None:
+        return PartitionSpec()
+    return nn.logical_to_mesh_axes(tuple(logical), rules)
+
+
+def tree_shardings(logical_specs, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
+    """NamedShardings for a tree of logical PartitionSpecs (from ``nn.get_partition_spec``)."""
+    mesh_specs = nn.logical_to_mesh(logical_specs, rules)
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), mesh_specs,
+                        is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+@contextlib.contextmanager
+def axis_rules(mesh: Mesh | None = None, rules=LOGICAL_AXIS_RULES) -> Iterator[None]:
+    """Activate the rules (for ``nn.with_logical_constraint``) and, if given, the mesh."""
+    with nn.logical_axis_rules(rules):
+        if mesh is None:
+            yield
+        else:
+            with jax.sharding.use_mesh(mesh) if hasattr(jax.sharding, "use_mesh") else mesh:
+                yield
