@@ -1,0 +1,77 @@
+"""The `bifrost` command line: train | generate | eval | port | aot | demo.
+
+Each subcommand imports its machinery lazily so that `bifrost --help` is instant.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _cmd_port(argv: list[str]) -> int:
+    from bifrost_jax import port
+
+    p = argparse.ArgumentParser(prog="bifrost port",
+                                description="Port a local PyTorch checkpoint directory into an Orbax checkpoint "
+                                            "that training can start from.")
+    p.add_argument("--kind", required=True, choices=port.KINDS)
+    p.add_argument("--src", required=True, help="diffusers/transformers directory (config.json + safetensors)")
+    p.add_argument("--out", required=True, help="output directory (must not hold a previous port)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--base", default=None, help="bifrost-1 only: the Qwen2.5-VL directory for weights the "
+                                                 "checkpoint omits (the vision tower)")
+    args = p.parse_args(argv)
+    import jax.numpy as jnp
+
+    from bifrost_jax.port.orbax_io import save_ported
+
+    kwargs = {"base": args.base} if args.base else {}
+    _, variables = port.load(args.kind, args.src, dtype=getattr(jnp, args.dtype), **kwargs)
+    save_ported(args.out, args.kind, variables, args.src)
+    print(f"ported {args.kind} from {args.src} -> {args.out}")
+    return 0
+
+
+def _delegate(module: str, func: str):
+    def run(argv: list[str]) -> int:
+        import importlib
+
+        return int(getattr(importlib.import_module(module), func)(argv) or 0)
+    run.module = module
+    return run
+
+
+def _available(handler) -> bool:
+    """Subcommands whose implementing module is not in this checkout are not offered."""
+    import importlib.util
+
+    module = getattr(handler, "module", None)
+    return module is None or importlib.util.find_spec(module) is not None
+
+
+COMMANDS = {
+    "train": ("train a phase from a config", _delegate("bifrost_jax.train.loop", "main")),
+    "generate": ("generate images from prompts", _delegate("bifrost_jax.sample.pipeline", "main")),
+    "eval": ("sharded evaluation: geneval | reconstruction | shapes", _delegate("bifrost_jax.eval.run", "main")),
+    "port": ("port a PyTorch checkpoint into an Orbax checkpoint", _cmd_port),
+    "aot": ("compile a phase ahead of time for a TPU topology", _delegate("bifrost_jax.aot", "main")),
+    "demo": ("the embedded default, end to end on CPU", _delegate("bifrost_jax.demo", "main")),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {name: entry for name, entry in COMMANDS.items() if _available(entry[1])}
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
+        lines = ["usage: bifrost <command> [args]", "", "commands:"]
+        lines += [f"  {name:<10} {help_}" for name, (help_, _) in commands.items()]
+        print("\n".join(lines))
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nbifrost: unknown command {argv[0]!r}", file=sys.stderr)
+            return 2
+        return 0
+    return COMMANDS[argv[0]][1](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
