@@ -61,5 +61,5 @@ def axis_rules(mesh: Mesh | None = None, rules=LOGICAL_AXIS_RULES) -> Iterator[N
         if mesh is None:
             yield
         else:
-            with jax.sharding.use_mesh(mesh) if hasattr(jax.sharding, "use_mesh") else mesh:
+            with jax.set_mesh(mesh):
                 yield
