@@ -16,9 +16,7 @@ import dataclasses
 from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from bifrost_jax.nn.attention import dot_product_attention

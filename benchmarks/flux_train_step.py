@@ -1,0 +1,158 @@
+"""Time one FLUX training step (forward, backward, AdamW) in bifrost-jax (jit) and in diffusers (PyTorch eager).
+
+The same FLUX-architecture model (a few double and single blocks, 4 heads x 128 = width 512, 16x16 = 256 image tokens,
+64 text tokens, guidance embedding) with the same weights (the PyTorch model is saved and ported) and the same
+batch. The loss is the flow-matching MSE against a fixed target. Steps of the two frameworks are interleaved so
+that both see the same machine load (this CPU is shared); the median of the timed repeats is reported.
+
+    .venv/bin/python benchmarks/flux_train_step.py                 # fp32 in both (like with like)
+    .venv/bin/python benchmarks/flux_train_step.py --jax-bf16      # adds a JAX row with bf16 compute
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from bifrost_jax import port  # noqa: E402
+
+
+def build_config(args) -> dict:
+    return dict(patch_size=1, in_channels=64, out_channels=None, num_layers=args.double, num_single_layers=args.single,
+                attention_head_dim=128, num_attention_heads=args.heads, joint_attention_dim=args.text_dim,
+                pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+
+
+def make_batch(cfg, args, seed=0):
+    rng = np.random.default_rng(seed)
+    g = args.grid
+    rows, cols = np.meshgrid(np.arange(g), np.arange(g), indexing="ij")
+    img_ids = np.stack([np.zeros(g * g), rows.ravel(), cols.ravel()], -1).astype(np.float32)
+    f = np.float32
+    return dict(hidden_states=rng.standard_normal((args.batch, g * g, cfg["in_channels"])).astype(f),
+                encoder_hidden_states=rng.standard_normal((args.batch, args.text, cfg["joint_attention_dim"])).astype(f),
+                pooled_projections=rng.standard_normal((args.batch, cfg["pooled_projection_dim"])).astype(f),
+                timestep=rng.uniform(0, 1, (args.batch,)).astype(f),
+                img_ids=img_ids, txt_ids=np.zeros((args.text, 3), f),
+                guidance=np.full((args.batch,), 3.5, f)), rng.standard_normal(
+                    (args.batch, g * g, cfg["in_channels"])).astype(f)
+
+
+def torch_step_fn(model, batch, target, lr):
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    tb = {k: torch.from_numpy(v) for k, v in batch.items()}
+    tt = torch.from_numpy(target)
+    model.train()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        out = model(**tb).sample
+        loss = torch.mean((out.float() - tt) ** 2)
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+    return step
+
+
+def jax_step_fn(module, params, batch, target, lr):
+    tx = optax.adamw(lr, weight_decay=1e-4)
+    opt_state = tx.init(params)
+    jb = {k: jnp.asarray(v) for k, v in batch.items()}
+    jt = jnp.asarray(target)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def train_step(params, opt_state, batch, target):
+        def loss_fn(p):
+            out = module.apply({"params": p}, **batch)
+            return jnp.mean(jnp.square(out.astype(jnp.float32) - target))
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    state = {"params": params, "opt": opt_state}
+
+    def step():
+        state["params"], state["opt"], loss = train_step(state["params"], state["opt"], jb, jt)
+        return float(loss)  # blocks until the step is done
+    return step
+
+
+def timed(fn):
+    t = time.perf_counter()
+    loss = fn()
+    return time.perf_counter() - t, loss
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--double", type=int, default=2)
+    ap.add_argument("--single", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--grid", type=int, default=16, help="image tokens = grid * grid")
+    ap.add_argument("--text", type=int, default=64)
+    ap.add_argument("--text-dim", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--scan", action="store_true", help="scanned blocks in JAX")
+    ap.add_argument("--jax-bf16", action="store_true", help="also time JAX with bf16 compute (fp32 params)")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    cfg = build_config(args)
+    from diffusers import FluxTransformer2DModel
+    ref = FluxTransformer2DModel(**cfg)
+    n_params = sum(p.numel() for p in ref.parameters())
+    with tempfile.TemporaryDirectory() as d:
+        ref.save_pretrained(d)
+        module, variables = port.load("flux-transformer", d, compute_dtype=jnp.float32, scan_layers=args.scan)
+        modules = {"jax fp32": (module, variables["params"])}
+        if args.jax_bf16:
+            m16, v16 = port.load("flux-transformer", d, compute_dtype=jnp.bfloat16, scan_layers=args.scan)
+            modules["jax bf16 compute"] = (m16, v16["params"])
+    batch, target = make_batch(cfg, args)
+    steps = {"torch fp32 eager": torch_step_fn(ref, batch, target, 1e-5)}
+    for name, (m, p) in modules.items():
+        steps[name] = jax_step_fn(m, p, batch, target, 1e-5)
+
+    first = {}
+    for name, fn in steps.items():  # warm-up (includes the JAX compile)
+        first[name] = timed(fn)[0]
+        for _ in range(args.warmup - 1):
+            fn()
+    times = {name: [] for name in steps}
+    losses = {name: None for name in steps}
+    for _ in range(args.repeats):  # interleaved
+        for name, fn in steps.items():
+            dt, losses[name] = timed(fn)
+            times[name].append(dt)
+
+    print(f"FLUX train step: {args.double} double + {args.single} single blocks, {args.heads} heads x 128 "
+          f"(width {args.heads * 128}), {args.grid}x{args.grid}={args.grid ** 2} image tokens, {args.text} text tokens, "
+          f"batch {args.batch}, {n_params / 1e6:.1f}M params, AdamW; JAX scan={args.scan}")
+    print(f"host: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, jax {jax.__version__} "
+          f"({jax.default_backend()}), torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    base = statistics.median(times["torch fp32 eager"])
+    print(f"| {'implementation':<18} | first step (s) | median step (s) | min (s) | torch / this |")
+    print(f"|{'-' * 20}|---------------:|----------------:|--------:|-------------:|")
+    for name in steps:
+        med = statistics.median(times[name])
+        print(f"| {name:<18} | {first[name]:14.3f} | {med:15.3f} | {min(times[name]):7.3f} | {base / med:12.2f} |")
+    print(f"ratio (torch eager median / jax fp32 median): {base / statistics.median(times['jax fp32']):.2f}  "
+          f"(>1: JAX faster); last losses: " + ", ".join(f"{k}={v:.4f}" for k, v in losses.items()))
+
+
+if __name__ == "__main__":
+    main()
