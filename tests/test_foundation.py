@@ -93,3 +93,18 @@ def test_attention_gqa_matches_dense(kv_heads, rng):
     assert not np.isnan(np.asarray(out)).any()
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
     assert np.all(np.asarray(out)[0, 0] == 0)
+
+
+def test_fit_sharding_replicates_uneven_dims():
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from bifrost_jax.parallel.rules import fit_sharding
+    mesh = make_mesh({"data": 1, "fsdp": 2, "tensor": 4})
+    s = NamedSharding(mesh, P("fsdp", "tensor"))
+    assert fit_sharding(s, (4, 8)).spec == P("fsdp", "tensor")
+    assert fit_sharding(s, (4, 3)).spec == P("fsdp", None)       # 3 RGB channels over tensor=4: replicated
+    assert fit_sharding(s, (3, 8)).spec == P(None, "tensor")
+    # and load_mapped places such a tensor instead of failing
+    expected = {"w": jax.ShapeDtypeStruct((4, 3), jnp.float32)}
+    params = base.load_mapped({"w": np.ones((4, 3))}, {("w",): base.src("w")}, expected, shardings={"w": s})
+    assert params["w"].sharding.spec == P("fsdp", None)

@@ -54,6 +54,24 @@ def tree_shardings(logical_specs, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
                         is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
+def fit_sharding(sharding, shape: Sequence[int]):
+    """``sharding`` with every mesh axis that does not divide its array dimension dropped (that dimension is
+    replicated instead). ``jax.device_put`` refuses uneven shardings; a 3-channel RGB conv or a vocabulary not
+    divisible by the tensor axis must still load."""
+    if not isinstance(sharding, NamedSharding):
+        return sharding
+    mesh = sharding.mesh
+    entries = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+    fitted = []
+    for dim, entry in zip(shape, entries):
+        axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
+        size = 1
+        for a in axes:
+            size *= mesh.shape[a]
+        fitted.append(entry if size == 1 or dim % size == 0 else None)
+    return NamedSharding(mesh, PartitionSpec(*fitted))
+
+
 @contextlib.contextmanager
 def axis_rules(mesh: Mesh | None = None, rules=LOGICAL_AXIS_RULES) -> Iterator[None]:
     """Activate the rules (for ``nn.with_logical_constraint``) and, if given, the mesh."""

@@ -286,7 +286,11 @@ def load_mapped(reader, key_map: KeyMap, expected_params, *, dtype=jnp.float32, 
         value = np.stack(arrays) if source.stacked else arrays[0]
         value = np.asarray(value, dtype=np_dtype)
         sharding = flat_shardings.get(path)
-        out[path] = jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value)
+        if sharding is not None:
+            from bifrost_jax.parallel.rules import fit_sharding
+            out[path] = jax.device_put(value, fit_sharding(sharding, value.shape))
+        else:
+            out[path] = jnp.asarray(value)
     return unflatten(out)
 
 
