@@ -16,6 +16,11 @@ def resolve_axis_sizes(sizes: Mapping[str, int] | Sequence[int], num_devices: in
                        axis_names: Sequence[str] = MESH_AXES) -> tuple[int, ...]:
     """Sizes for every axis; one size may be -1 and is filled so the product equals ``num_devices``."""
     if isinstance(sizes, Mapping):
+        multislice = {k: v for k, v in sizes.items() if k.startswith("dcn_") and int(v) != 1}
+        if multislice:
+            raise ValueError(f"mesh: {multislice} asks for several slices; build the mesh with "
+                             "bifrost_jax.parallel.multislice.mesh_from_config")
+        sizes = {k: v for k, v in sizes.items() if not k.startswith("dcn_")}
         unknown = set(sizes) - set(axis_names)
         if unknown:
             raise ValueError(f"mesh: unknown axis name(s) {sorted(unknown)}; axes are {list(axis_names)}")

@@ -1,0 +1,278 @@
+"""The training loop: ``train(config, workdir)`` runs one phase on the device mesh, resuming from its latest
+checkpoint; ``main(argv)`` is ``bifrost train --config configs/x.py --workdir DIR [--config.key=value ...]``.
+
+Start-up: mesh from ``config.mesh`` -> the phase -> abstract state and shardings -> either a restore of the latest
+checkpoint in ``WORKDIR/<phase>/checkpoints`` (train state, BatchNorm statistics, data-iterator state, RNG) or a
+sharded init, optionally overwritten by the phase's pretrained weights and ``checkpoint.init_from`` (a params-only
+restore with accounting). The step is compiled once ahead of time (its FLOPs feed TFLOP/s).
+
+Preemption: SIGTERM (single process) or a JAX preemption sync point (multi-host, where JAX's own notifier catches
+SIGTERM) saves a checkpoint at the current step, waits for it to commit, and returns; ``main`` then exits with
+code 0 (``PREEMPTED_EXIT_CODE``). Rerunning the same command resumes.
+
+Multi-host: ``main`` calls ``jax.distributed.initialize`` when BIFROST_COORDINATOR (explicit coordinator, e.g.
+``launch/local_multiprocess.py``) or BIFROST_DISTRIBUTED=1 (auto-detected TPU pod / SLURM environment) is set.
+Every host reads its own shard of the data and feeds its rows of the global batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import sys
+import threading
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import traverse_util
+
+from bifrost_jax.configs import parse_config_flags
+from bifrost_jax.data.pipeline import iterator_state, restore_iterator
+from bifrost_jax.parallel.mesh import initialize_distributed
+from bifrost_jax.parallel.multislice import mesh_from_config
+from bifrost_jax.parallel.rules import axis_rules
+from bifrost_jax.train import checkpoint as ckpt
+from bifrost_jax.train.logging import MetricsLogger
+from bifrost_jax.train.phases import get_phase
+from bifrost_jax.train.state import (StateBuilder, TrainState, compiled_flops, global_batch, jit_train_step,
+                                     make_optimizer, make_train_step, merge_params)
+
+PREEMPTED_EXIT_CODE = 0
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: TrainState
+    frozen: Any
+    step: int
+    preempted: bool
+    last_metrics: dict[str, float]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------------------
+def parse_train_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, str]:
+    """``--config FILE [--config.key=value ...] --workdir DIR`` (the arguments after ``bifrost train``) ->
+    ``(config, workdir)``. Unknown flags or config keys raise ``ValueError`` naming them."""
+    config, extra = parse_config_flags(argv, extra_string_flags=("workdir",))
+    if not extra["workdir"]:
+        raise ValueError("missing --workdir DIR (checkpoints and logs go to DIR/<phase>/)")
+    return config, extra["workdir"]
+
+
+def maybe_initialize_distributed() -> bool:
+    if os.environ.get("BIFROST_COORDINATOR") or os.environ.get("BIFROST_DISTRIBUTED") == "1":
+        initialize_distributed()
+        return True
+    return False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config, workdir = parse_train_args(argv)
+    maybe_initialize_distributed()
+    result = train(config, workdir)
+    return PREEMPTED_EXIT_CODE if result.preempted else 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Preemption
+# --------------------------------------------------------------------------------------------------------------
+class PreemptionWatcher:
+    """True at the step where every process should save and stop."""
+
+    def __init__(self):
+        self._flag = threading.Event()
+        self._multi = jax.process_count() > 1
+        self._previous = None
+        # Multi-host: JAX's preemption notifier owns SIGTERM and syncs the stop step across hosts; a Python
+        # handler would replace it.
+        if not self._multi and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, lambda *_: self._flag.set())
+
+    def reached(self, step: int, manager) -> bool:
+        if self._multi:
+            return bool(manager.reached_preemption(step))
+        return self._flag.is_set()
+
+    def close(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Initial weights
+# --------------------------------------------------------------------------------------------------------------
+def _flat(tree, prefix=()):
+    return {prefix + tuple(str(p) for p in k): v for k, v in traverse_util.flatten_dict(tree).items()} if tree else {}
+
+
+def _override(tree, overrides, prefix):
+    if not tree:
+        return tree
+    flat = traverse_util.flatten_dict(tree)
+    flat = {k: overrides.get(prefix + tuple(str(p) for p in k), v) for k, v in flat.items()}
+    return traverse_util.unflatten_dict(flat)
+
+
+def _subtrees(dotted_paths) -> list[str]:
+    """Top-level subtrees (collection.module) of a list of weight paths, for a short log line."""
+    return sorted({".".join(p.split(".")[:2]) for p in dotted_paths})
+
+
+def pretrained_overrides(builder: StateBuilder, phase, config, *, frozen_only: bool) -> dict:
+    """Flat ``{path: array}`` from the phase's pretrained sources and ``checkpoint.init_from``, accounted: every
+    expected weight outside the new-subtree allow-list must come from a source. ``frozen_only`` (on resume) asks
+    only for the frozen weights, which checkpoints do not hold."""
+    a_state, a_frozen = builder.abstract_state, builder.abstract_frozen
+    abstract_vars = {"params": merge_params(a_state.params, a_frozen), **a_state.mutable}
+    shardings = {"params": merge_params(builder.state_shardings.params, builder.frozen_shardings),
+                 **builder.state_shardings.mutable}
+    expected = _flat(abstract_vars)
+    if frozen_only:
+        expected = _flat(a_frozen, ("params",))
+    allow_missing = tuple(tuple(p) for p in phase.new_subtrees) + ckpt.parse_prefixes(
+        config.checkpoint.init_allow_missing)
+
+    sources: dict[str, dict] = {}
+    pretrained = phase.load_pretrained(abstract_vars, shardings)
+    if pretrained:
+        sources["phase.load_pretrained"] = {k: v for k, v in _flat(pretrained).items()
+                                            if k in expected or not frozen_only}
+    init_from = config.checkpoint.init_from
+    if init_from:
+        # init_from (a finetuned checkpoint) takes precedence over the phase's pretrained weights; weights those
+        # cover need not be in it.
+        covered = tuple(sources.get("phase.load_pretrained", {}))
+        restored, report = ckpt.restore_params(
+            init_from, traverse_util.unflatten_dict(expected), step=config.checkpoint.init_step,
+            # On resume only the frozen weights are wanted; the rest of the checkpoint was checked at the start.
+            allow_missing=((),) if frozen_only else allow_missing + covered,
+            allow_unused=((),) if frozen_only else ckpt.parse_prefixes(config.checkpoint.init_allow_unused),
+            use_ema=config.checkpoint.init_use_ema)
+        sources["checkpoint.init_from"] = restored
+        if not frozen_only and jax.process_index() == 0:
+            print(f"init_from {init_from}: restored {len(report.restored)} weights"
+                  + (f"; not in it: {_subtrees(report.left_at_init)}" if report.left_at_init else "")
+                  + (f"; unused: {_subtrees(report.unused)}" if report.unused else ""), flush=True)
+    if not sources:
+        return {}
+    merged = {}
+    for flat in sources.values():  # later sources win
+        merged.update(flat)
+    if not frozen_only:
+        left = ckpt.account_sources(expected, sources, allow_missing)
+        if left and jax.process_index() == 0:
+            print(f"initial weights: {len(expected) - len(left)} from {sorted(sources)}, {len(left)} at their "
+                  f"random init (new subtrees): {_subtrees('.'.join(k) for k in left)}", flush=True)
+    return merged
+
+
+def initial_state(builder: StateBuilder, phase, config) -> tuple[TrainState, Any]:
+    # Account for the pretrained sources first: a mismatch fails before anything is initialised.
+    overrides = pretrained_overrides(builder, phase, config, frozen_only=False)
+    state, frozen = builder.init()
+    if overrides:
+        params = _override(state.params, overrides, ("params",))
+        mutable = {c: _override(v, overrides, (c,)) for c, v in state.mutable.items()}
+        ema = jax.tree.map(jnp.copy, params) if state.ema_params is not None else None
+        state = state.replace(params=params, mutable=mutable, ema_params=ema)
+        frozen = _override(frozen, overrides, ("params",))
+    return state, frozen
+
+
+def initial_frozen(builder: StateBuilder, phase, config):
+    frozen = builder.init_frozen()
+    overrides = pretrained_overrides(builder, phase, config, frozen_only=True)
+    return _override(frozen, overrides, ("params",)) if overrides else frozen
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------------------
+def _check_batch(config, mesh):
+    b, k = config.train.batch_size, config.train.grad_accum_steps
+    pc = jax.process_count()
+    rows = mesh.shape["data"] * mesh.shape["fsdp"]
+    if b % pc:
+        raise ValueError(f"train.batch_size={b} does not divide over {pc} processes")
+    if k < 1 or b % k:
+        raise ValueError(f"train.batch_size={b} does not divide into train.grad_accum_steps={k} micro-batches")
+    if (b // k) % rows:
+        raise ValueError(f"micro-batch of {b // k} rows does not shard over data*fsdp={rows} devices")
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, progress_bar: bool = True) -> TrainResult:
+    """Train ``config.phase`` up to ``config.train.steps``, resuming from ``workdir/<phase>/checkpoints``."""
+    phase = get_phase(config)
+    mesh = mesh_from_config(dict(config.mesh))
+    _check_batch(config, mesh)
+    batch_size, total = config.train.batch_size, config.train.steps
+    tx, schedule = make_optimizer(config.optim, total)
+    ema_decay = float(config.optim.ema_decay)
+    builder = StateBuilder(phase, tx, mesh, seed=config.seed, ema=ema_decay > 0)
+    run_dir = os.path.join(os.path.abspath(workdir), phase.name)
+    manager = ckpt.make_manager(ckpt.checkpoint_dir(workdir, phase.name), keep=config.checkpoint.keep,
+                                async_save=config.checkpoint.async_save)
+    data_iter = phase.dataset(global_batch_size=batch_size, seed=config.seed, process_index=jax.process_index(),
+                              process_count=jax.process_count())
+
+    resumed_from = manager.latest_step()
+    if resumed_from is not None:
+        state, data_state = ckpt.restore_state(manager, builder.abstract_state)
+        if data_state is not None:
+            restore_iterator(data_iter, data_state)
+        frozen = initial_frozen(builder, phase, config)
+    else:
+        state, frozen = initial_state(builder, phase, config)
+
+    step_fn = jit_train_step(make_train_step(phase, tx, schedule, grad_accum_steps=config.train.grad_accum_steps,
+                                             ema_decay=ema_decay), builder, batch_size)
+    abstract_batch = builder.abstract_batch(batch_size)
+    with axis_rules(mesh):
+        compiled = step_fn.lower(builder.abstract_state, builder.abstract_frozen, abstract_batch).compile()
+    flops = compiled_flops(compiled)
+    if flops is None and phase.flops_per_example() is not None:
+        flops = phase.flops_per_example() * batch_size / mesh.size
+
+    step = int(jax.device_get(state.step))
+    logger = MetricsLogger(run_dir, total_steps=total, initial_step=step, examples_per_step=batch_size,
+                           tokens_per_example=phase.tokens_per_example(), flops_per_step_per_device=flops,
+                           progress_bar=progress_bar, tensorboard=config.train.tensorboard)
+    n_train = sum(x.size for x in jax.tree.leaves(builder.abstract_state.params))
+    n_frozen = sum(x.size for x in jax.tree.leaves(builder.abstract_frozen))
+    logger.message(f"phase {phase.name}: mesh {dict(mesh.shape)}, {n_train:,} trainable / {n_frozen:,} frozen "
+                   f"parameters, " + (f"resumed from step {resumed_from}" if resumed_from is not None
+                                      else "fresh start") + f", workdir {run_dir}")
+
+    watcher = PreemptionWatcher()
+    preempted, last = False, {}
+    every, log_every = config.checkpoint.every, config.train.log_every
+    try:
+        logger.restart_clock(step)
+        while step < total:
+            batch = global_batch(next(data_iter), abstract_batch)
+            state, metrics = compiled(state, frozen, batch)
+            step += 1
+            if step % log_every == 0 or step == total:
+                last = logger.log(step, metrics)
+            preempted = watcher.reached(step, manager)
+            if step % every == 0 or step == total or preempted:
+                ckpt.save_state(manager, state, data_state=json.loads(iterator_state(data_iter)), config=config)
+            if preempted:
+                logger.message(f"preempted: checkpoint saved at step {step}; rerun the command to resume")
+                break
+        manager.wait_until_finished()
+    finally:
+        watcher.close()
+        manager.close()
+        logger.close()
+    return TrainResult(state=state, frozen=frozen, step=step, preempted=preempted, last_metrics=last)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

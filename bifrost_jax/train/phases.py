@@ -1,0 +1,107 @@
+"""Training phases: one class per phase holds everything the generic loop needs, including the phase's one loss.
+
+The loop (``train/loop.py``) knows nothing about models. A phase provides:
+
+* ``init_variables(rng)``: the full variable collections of its modules (``{"params": ..., "batch_stats": ...}``)
+  with logical-axis metadata, randomly initialised. It is traced under ``jax.eval_shape`` (abstract state,
+  shardings) and under ``jax.jit`` with sharded outputs, so it must be a pure function of ``rng``.
+* ``load_pretrained(abstract, shardings)``: optional weights from ports or other checkpoints (partial
+  ``{"params": ...}`` trees of arrays already on their shardings). Every expected weight they do not cover must lie
+  under ``new_subtrees`` or the loop raises, listing it.
+* ``is_trainable(path)``: the path predicate splitting ``params`` into trainable and frozen trees. Frozen weights hold
+  no optimizer state and are passed to the step as a non-differentiated, non-donated input.
+* ``loss_fn(trainable, frozen, mutable, batch, rng) -> (loss, (metrics, new_mutable))``: ``mutable`` holds the
+  non-param collections (BatchNorm statistics), returned updated.
+* ``batch_spec(batch_size)``: ``{name: jax.ShapeDtypeStruct}`` of a global batch; ``batch_axes()`` the logical axes
+  of each entry (default: leading "batch", the rest replicated).
+* ``dataset(global_batch_size, seed, process_index, process_count)``: this host's resumable iterator of numpy
+  batches (``global_batch_size // process_count`` rows each), a grain ``DatasetIterator`` as built by
+  ``bifrost_jax.data.pipeline.make_train_iterator``; the loop checkpoints it with ``iterator_state`` /
+  ``restore_iterator``.
+* FLOPs info: ``tokens_per_example()`` (for tokens/s) and ``flops_per_example()`` (analytic model FLOPs of one
+  training example, forward + backward; ``None`` falls back to the compiled step's ``cost_analysis()``).
+
+Phases register by name in ``PHASES`` (``"module:Class"`` strings, imported on first use, so that importing this
+file never imports every model).
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Iterator, Mapping
+
+import jax
+import ml_collections
+
+Params = Any
+Batch = Mapping[str, jax.Array]
+
+
+class Phase:
+    """Base class of a training phase. Subclasses override the methods that raise ``NotImplementedError``."""
+
+    name: str = ""
+    # Parameter subtrees (tuples of keys under "params") that may be absent from pretrained sources: they keep their
+    # random init (a new ControlNet, the generation branch's head).
+    new_subtrees: tuple[tuple[str, ...], ...] = ()
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config = config
+
+    # -- modules ------------------------------------------------------------------------------------------------
+    def init_variables(self, rng: jax.Array) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def load_pretrained(self, abstract_variables: Any, shardings: Any) -> dict[str, Any] | None:
+        """Weights from ports or other phases' checkpoints, or ``None`` (random init only)."""
+        del abstract_variables, shardings
+        return None
+
+    def is_trainable(self, path: tuple[str, ...]) -> bool:
+        raise NotImplementedError
+
+    # -- loss -----------------------------------------------------------------------------------------------------
+    def loss_fn(self, trainable: Params, frozen: Params, mutable: dict[str, Any], batch: Batch, rng: jax.Array):
+        raise NotImplementedError
+
+    # -- data -----------------------------------------------------------------------------------------------------
+    def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        raise NotImplementedError
+
+    def batch_axes(self) -> dict[str, tuple[str | None, ...]]:
+        return {k: ("batch",) + (None,) * (len(v.shape) - 1) for k, v in self.batch_spec(1).items()}
+
+    def dataset(self, *, global_batch_size: int, seed: int, process_index: int,
+                process_count: int) -> Iterator[dict]:
+        raise NotImplementedError
+
+    # -- FLOPs info -----------------------------------------------------------------------------------------------
+    def tokens_per_example(self) -> int:
+        return 1
+
+    def flops_per_example(self) -> float | None:
+        return None
+
+
+# name -> "module:Class". The real phases ("controlnet", "mllm", "flux") are added as their models land.
+PHASES: dict[str, str] = {
+    "toy": "bifrost_jax.train.toy:ToyPhase",
+}
+
+
+def register_phase(name: str, target: str | type[Phase]) -> None:
+    """Register a phase class (or a ``"module:Class"`` string) under ``name``."""
+    if name in PHASES and PHASES[name] != target:
+        raise ValueError(f"phase {name!r} is already registered as {PHASES[name]}")
+    PHASES[name] = target
+
+
+def get_phase(config: ml_collections.ConfigDict) -> Phase:
+    """The phase named by ``config.phase``, built from the config."""
+    name = config.phase
+    if name not in PHASES:
+        raise ValueError(f"config.phase={name!r} is not a registered phase; known: {sorted(PHASES)}")
+    target = PHASES[name]
+    if isinstance(target, str):
+        module_name, cls_name = target.split(":")
+        target = getattr(importlib.import_module(module_name), cls_name)
+    return target(config)
