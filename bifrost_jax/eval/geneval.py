@@ -1,0 +1,121 @@
+"""GenEval image generation, sharded over hosts and resumable (spec 10.1).
+
+Layout (what GenEval's ``evaluate_images.py`` reads), for prompt ``index`` of ``evaluation_metadata.jsonl``::
+
+    OUT/<index:05d>/metadata.jsonl          the prompt's JSON line, unchanged
+    OUT/<index:05d>/samples/<i:04d>.png     num_images samples
+    OUT/<index:05d>/grid.png                optional
+
+Prompts are dealt round-robin to the hosts (``index % process_count == process_index``); each host generates its
+share in batches of ``batch_size`` prompts on its local devices (the pipeline's mesh shards a batch over them), so
+hosts never wait on each other until the final barrier. Every file is written atomically (temporary file + rename)
+and ``metadata.jsonl`` LAST, so a prompt is finished iff its metadata file exists together with all its samples:
+rerunning the same command skips finished prompts and redoes the rest. Since the pipeline seeds every prompt the
+same way (``sample.pipeline``), the images do not depend on how prompts were distributed or batched.
+
+Each host appends the indices it generated to ``OUT/.geneval_log/process_<i>.jsonl`` (a record of who did what).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from bifrost_jax.sample.pipeline import make_grid, save_png
+
+GenerateFn = Callable[[Sequence[str], int, int], np.ndarray]  # (prompts, num_images, seed) -> uint8 (P*K, H, W, 3)
+LOG_DIR = ".geneval_log"
+
+
+def read_prompts(path: str, limit: Optional[int] = None) -> list[tuple[str, dict]]:
+    """[(raw JSON line, parsed)] of an ``evaluation_metadata.jsonl`` (first ``limit`` lines)."""
+    out = []
+    with open(path) as fh:
+        for n, line in enumerate(fh):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                meta = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n + 1}: not a JSON line ({e})") from None
+            if "prompt" not in meta:
+                raise ValueError(f"{path}:{n + 1}: no 'prompt' field")
+            out.append((line, meta))
+            if limit is not None and len(out) >= limit:
+                break
+    if not out:
+        raise ValueError(f"{path}: no prompts")
+    return out
+
+
+def prompt_dir(out: str, index: int) -> str:
+    return os.path.join(out, f"{index:05d}")
+
+
+def sample_path(out: str, index: int, i: int) -> str:
+    return os.path.join(prompt_dir(out, index), "samples", f"{i:04d}.png")
+
+
+def is_finished(out: str, index: int, num_images: int) -> bool:
+    """All samples and (written last) the metadata file exist."""
+    return (os.path.isfile(os.path.join(prompt_dir(out, index), "metadata.jsonl"))
+            and all(os.path.isfile(sample_path(out, index, i)) for i in range(num_images)))
+
+
+def _write_text_atomic(path: str, text: str) -> None:
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", dir=directory)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def write_prompt(out: str, index: int, metadata_line: str, images: np.ndarray, grid: bool = True) -> None:
+    """One prompt's outputs; the metadata file last (it marks the prompt finished)."""
+    for i, image in enumerate(images):
+        save_png(sample_path(out, index, i), image)
+    if grid:
+        save_png(os.path.join(prompt_dir(out, index), "grid.png"), make_grid(images))
+    _write_text_atomic(os.path.join(prompt_dir(out, index), "metadata.jsonl"), metadata_line + "\n")
+
+
+def assigned(num_prompts: int, process_index: int, process_count: int) -> list[int]:
+    """The prompt indices of one host (round-robin)."""
+    return list(range(process_index, num_prompts, process_count))
+
+
+def run_geneval(generate_fn: GenerateFn, prompts: Sequence[tuple[str, dict]], out: str, *, num_images: int,
+                batch_size: int, seed: int, process_index: int = 0, process_count: int = 1, grid: bool = True,
+                progress: bool = True) -> list[int]:
+    """Generate this host's unfinished prompts; returns the indices generated now."""
+    mine = assigned(len(prompts), process_index, process_count)
+    todo = [i for i in mine if not is_finished(out, i, num_images)]
+    print(f"geneval: process {process_index}/{process_count}: {len(mine)} prompts, {len(mine) - len(todo)} already "
+          f"finished, {len(todo)} to generate")
+    log_path = os.path.join(out, LOG_DIR, f"process_{process_index}.jsonl")
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+    if progress:
+        from tqdm import tqdm
+        batches = tqdm(batches, desc=f"geneval[{process_index}]", unit="batch")
+    done = []
+    for batch in batches:
+        # a short last batch is padded (repeating its last prompt) so that every call has one static shape
+        padded = batch + [batch[-1]] * (batch_size - len(batch))
+        images = np.asarray(generate_fn([prompts[i][1]["prompt"] for i in padded], num_images, seed))
+        for j, index in enumerate(batch):
+            write_prompt(out, index, prompts[index][0], images[j * num_images:(j + 1) * num_images], grid=grid)
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps({"index": index, "time": time.time()}) + "\n")
+            done.append(index)
+    return done
+
+
+def missing_prompts(out: str, num_prompts: int, num_images: int) -> list[int]:
+    return [i for i in range(num_prompts) if not is_finished(out, i, num_images)]

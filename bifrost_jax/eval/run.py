@@ -1,0 +1,230 @@
+"""``bifrost eval geneval | reconstruction | shapes``: sharded evaluation of a Bifrost-1 pipeline.
+
+Every mode builds the pipeline with ``sample.pipeline.build_pipeline(--config, --checkpoint)`` on each host (its
+``config.mesh`` spans that host's local devices) and splits the work over hosts (``jax.process_index/count``);
+multi-host runs start ``jax.distributed`` from the environment as ``bifrost train`` does (BIFROST_COORDINATOR, ...;
+see ``launch/local_multiprocess.py``). The only cross-host communication is the final all-reduce of the metric sums
+(and a barrier), so hosts never wait on each other while generating.
+
+    bifrost eval geneval --config CFG [--checkpoint WORKDIR] --prompts evaluation_metadata.jsonl --out DIR
+        [--num-images 4] [--batch-size 4] [--limit N] [--seed S]
+    bifrost eval reconstruction --config CFG [--checkpoint WORKDIR] --dataset shapes|folder --data-dir DIR
+        [--split validation] [--limit N] [--batch-size 4] [--use-captions] --out DIR
+    bifrost eval shapes --config CFG [--checkpoint WORKDIR] --out DIR [--num-prompts 200] [--num-images 4]
+
+FID: Inception-v3 is not implemented in this version; ``eval reconstruction`` reports PSNR and SSIM and says that
+FID is skipped (``eval.reconstruction`` computes FID for any feature extractor passed as ``feature_fn``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from bifrost_jax.eval.shapes_checker import (ATTRIBUTES, CheckerConfig, ShapesReport, chance_levels, check_image)
+
+MODES = ("geneval", "reconstruction", "shapes")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# shapes
+
+def shapes_prompts(num_prompts: int, options=None, split: str = "test"):
+    """(captions, SceneSpecs) of the first ``num_prompts`` examples of a shapes split (``test`` = the held-out
+    colour-shape pairs), exactly the scenes the TFDS build holds (no build needed)."""
+    from bifrost_jax.data.shapes import SceneSpec, ShapesOptions, make_example
+
+    options = options or ShapesOptions()
+    examples = [make_example(options, split, i) for i in range(num_prompts)]
+    return [e["caption"] for e in examples], [SceneSpec.from_features(e) for e in examples]
+
+
+def evaluate_shapes(generate_fn: Callable[[Sequence[str], int, int], np.ndarray], captions: Sequence[str], specs,
+                    *, num_images: int, batch_size: int, seed: int, process_index: int = 0, process_count: int = 1,
+                    checker: CheckerConfig = CheckerConfig(), image_dir: Optional[str] = None,
+                    progress: bool = True) -> ShapesReport:
+    """Generate ``num_images`` per prompt (prompts dealt round-robin to the hosts, batches padded to one static
+    shape), score every image with the checker, all-reduce the per-attribute counts; chance levels from ``specs``."""
+    from bifrost_jax.eval.reconstruction import all_reduce_sum
+    from bifrost_jax.sample.pipeline import save_png
+
+    mine = list(range(process_index, len(captions), process_count))
+    totals = np.zeros((len(ATTRIBUTES), 2), np.int64)  # hits, applicable
+    batches = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+    if progress:
+        from tqdm import tqdm
+        batches = tqdm(batches, desc=f"shapes[{process_index}]", unit="batch")
+    for batch in batches:
+        padded = batch + [batch[-1]] * (batch_size - len(batch))
+        images = np.asarray(generate_fn([captions[i] for i in padded], num_images, seed))
+        for j, index in enumerate(batch):
+            for k in range(num_images):
+                image = images[j * num_images + k]
+                if image_dir:
+                    save_png(os.path.join(image_dir, f"{index:05d}_{k:02d}.png"), image)
+                for attr, ok in check_image(image, specs[index], checker).items():
+                    a = ATTRIBUTES.index(attr)
+                    totals[a] += (int(ok), 1)
+    totals = all_reduce_sum(totals)
+    accuracy = {a: (float(totals[i, 0] / totals[i, 1]) if totals[i, 1] else float("nan"))
+                for i, a in enumerate(ATTRIBUTES)}
+    counts = {a: int(totals[i, 1]) for i, a in enumerate(ATTRIBUTES)}
+    return ShapesReport(accuracy, chance_levels(list(specs)), counts)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# command line
+
+def _parser(mode: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"bifrost eval {mode}", allow_abbrev=False,
+                                description=__doc__.split("\n\n")[0] + " Also takes --config FILE and "
+                                            "--config.KEY=VALUE overrides (schema: bifrost generate --help).")
+    p.add_argument("--checkpoint", default=None, help="training WORKDIR whose phase checkpoints are used")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--batch-size", type=int, default=4, help="prompts (images) per host per generation call")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: config.sample.seed)")
+    if mode == "geneval":
+        p.add_argument("--prompts", required=True, help="GenEval evaluation_metadata.jsonl")
+        p.add_argument("--num-images", type=int, default=None, help="samples per prompt (default: config)")
+        p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+        p.add_argument("--no-grid", action="store_true", help="do not write grid.png per prompt")
+    elif mode == "reconstruction":
+        p.add_argument("--dataset", choices=("shapes", "folder"), default="shapes")
+        p.add_argument("--data-dir", required=True, help="TFDS data_dir (shapes) or a directory of images (folder)")
+        p.add_argument("--split", default="validation", help="shapes split (train | validation | test)")
+        p.add_argument("--shapes-options", default="{}", help="JSON of data.shapes.ShapesOptions fields")
+        p.add_argument("--limit", type=int, default=None, help="only the first N images")
+        p.add_argument("--use-captions", action="store_true", help="FLUX text = the captions (default: empty)")
+        p.add_argument("--inception", default=None,
+                       help="Inception-v3 weights for FID: NOT SUPPORTED in this version (FID is skipped)")
+    else:
+        p.add_argument("--num-prompts", type=int, default=200, help="held-out (test split) prompts to score")
+        p.add_argument("--num-images", type=int, default=None, help="samples per prompt (default: config)")
+        p.add_argument("--shapes-options", default="{}", help="JSON of data.shapes.ShapesOptions fields")
+        p.add_argument("--save-images", action="store_true", help="also write the generated images")
+    return p
+
+
+def _write_json(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=2)
+    os.replace(tmp, path)
+
+
+class _Limited:
+    def __init__(self, source, n):
+        self.source, self.n = source, min(len(source), n)
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return self.source[i]
+
+
+def _barrier(name: str) -> None:
+    import jax
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in MODES:
+        print(__doc__)
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"bifrost eval: unknown mode {argv[0]!r}; modes: {', '.join(MODES)}", file=sys.stderr)
+            return 2
+        return 0
+    mode = argv[0]
+    args, rest = _parser(mode).parse_known_args(argv[1:])
+    if mode == "reconstruction" and args.inception:
+        raise SystemExit("bifrost eval reconstruction: --inception: Inception-v3 (FID) is not implemented in this "
+                         "version; run without it (PSNR and SSIM only)")
+
+    from bifrost_jax.train.loop import maybe_initialize_distributed
+    maybe_initialize_distributed()
+    import jax
+
+    from bifrost_jax.configs import parse_config_flags
+    from bifrost_jax.sample.pipeline import build_pipeline
+
+    config, _ = parse_config_flags(rest)
+    pipe = build_pipeline(config, args.checkpoint)
+    seed = pipe.options.seed if args.seed is None else args.seed
+    pi, pc = jax.process_index(), jax.process_count()
+
+    def generate(prompts, k, s):
+        return pipe.generate(list(prompts), num_images_per_prompt=k, seed=s)
+
+    if mode == "geneval":
+        from bifrost_jax.eval.geneval import missing_prompts, read_prompts, run_geneval
+        prompts = read_prompts(args.prompts, args.limit)
+        k = pipe.options.num_images_per_prompt if args.num_images is None else args.num_images
+        done = run_geneval(generate, prompts, args.out, num_images=k, batch_size=args.batch_size, seed=seed,
+                           process_index=pi, process_count=pc, grid=not args.no_grid)
+        print(f"geneval: process {pi} generated {len(done)} prompts")
+        _barrier("bifrost_eval_geneval_done")
+        missing = missing_prompts(args.out, len(prompts), k)
+        if missing:
+            print(f"geneval: {len(missing)} prompts unfinished: {missing[:20]}", file=sys.stderr)
+            return 1
+        if pi == 0:
+            print(f"geneval: all {len(prompts)} prompts x {k} images in {args.out}")
+        return 0
+
+    if mode == "reconstruction":
+        from bifrost_jax.data.pipeline import make_eval_iterator
+        from bifrost_jax.eval.reconstruction import evaluate_reconstruction, folder_source, make_preprocess
+        if args.dataset == "folder":
+            source = folder_source(args.data_dir)
+        else:
+            from bifrost_jax.data.shapes import ShapesOptions, load_shapes
+            source = load_shapes(args.data_dir, args.split, ShapesOptions(**json.loads(args.shapes_options)))
+        if args.limit is not None:
+            source = _Limited(source, args.limit)
+        batches = make_eval_iterator(source, args.batch_size * pc, preprocess_fn=make_preprocess(
+            pipe.vision_size, pipe.image_size), num_threads=1)
+
+        def reconstruct(vit_images, prompts, indices):
+            return pipe.reconstruct(vit_images, prompts, seed=seed, indices=indices)
+
+        result = evaluate_reconstruction(reconstruct, batches, use_captions=args.use_captions)
+        result.update(fid=None, fid_note="skipped: Inception-v3 is not implemented in this version",
+                      dataset=args.dataset, split=args.split, data_dir=args.data_dir, seed=seed,
+                      vision_size=list(pipe.vision_size), image_size=list(pipe.image_size))
+        print(f"reconstruction: {result['num_images']} images  PSNR {result['psnr']:.3f} dB  "
+              f"SSIM {result['ssim']:.4f}  (FID skipped: no Inception-v3 in this version)")
+        if pi == 0:
+            _write_json(os.path.join(args.out, "reconstruction.json"), result)
+        return 0
+
+    # shapes
+    from bifrost_jax.data.shapes import HELD_OUT_PAIRS, ShapesOptions
+    options = ShapesOptions(**json.loads(args.shapes_options))
+    captions, specs = shapes_prompts(args.num_prompts, options)
+    k = pipe.options.num_images_per_prompt if args.num_images is None else args.num_images
+    report = evaluate_shapes(generate, captions, specs, num_images=k, batch_size=args.batch_size, seed=seed,
+                             process_index=pi, process_count=pc,
+                             image_dir=os.path.join(args.out, "images") if args.save_images else None)
+    print(report.format())
+    if pi == 0:
+        _write_json(os.path.join(args.out, "shapes_report.json"), {
+            "accuracy": report.accuracy, "chance": report.chance, "counts": report.counts,
+            "num_prompts": len(captions), "num_images_per_prompt": k, "seed": seed, "split": "test",
+            "held_out_pairs": [list(p) for p in HELD_OUT_PAIRS], "shapes_options": json.loads(args.shapes_options),
+            "table": report.format()})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
