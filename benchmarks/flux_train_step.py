@@ -7,6 +7,7 @@ that both see the same machine load (this CPU is shared); the median of the time
 
     .venv/bin/python benchmarks/flux_train_step.py                 # fp32 in both (like with like)
     .venv/bin/python benchmarks/flux_train_step.py --jax-bf16      # adds a JAX row with bf16 compute
+    .venv/bin/python benchmarks/flux_train_step.py --torch-threads 1 --jax-single-thread   # 1 thread each
 """
 from __future__ import annotations
 
@@ -19,11 +20,15 @@ import sys
 import tempfile
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-import torch
+if "--jax-single-thread" in sys.argv:  # must be set before JAX initialises its CPU client
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
+                               "intra_op_parallelism_threads=1").strip()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -43,7 +48,8 @@ def make_batch(cfg, args, seed=0):
     img_ids = np.stack([np.zeros(g * g), rows.ravel(), cols.ravel()], -1).astype(np.float32)
     f = np.float32
     return dict(hidden_states=rng.standard_normal((args.batch, g * g, cfg["in_channels"])).astype(f),
-                encoder_hidden_states=rng.standard_normal((args.batch, args.text, cfg["joint_attention_dim"])).astype(f),
+                encoder_hidden_states=rng.standard_normal(
+                    (args.batch, args.text, cfg["joint_attention_dim"])).astype(f),
                 pooled_projections=rng.standard_normal((args.batch, cfg["pooled_projection_dim"])).astype(f),
                 timestep=rng.uniform(0, 1, (args.batch,)).astype(f),
                 img_ids=img_ids, txt_ids=np.zeros((args.text, 3), f),
@@ -51,13 +57,14 @@ def make_batch(cfg, args, seed=0):
                     (args.batch, g * g, cfg["in_channels"])).astype(f)
 
 
-def torch_step_fn(model, batch, target, lr):
+def torch_step_fn(model, batch, target, lr, threads):
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     tb = {k: torch.from_numpy(v) for k, v in batch.items()}
     tt = torch.from_numpy(target)
     model.train()
 
     def step():
+        torch.set_num_threads(threads)
         opt.zero_grad(set_to_none=True)
         out = model(**tb).sample
         loss = torch.mean((out.float() - tt) ** 2)
@@ -108,8 +115,14 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--scan", action="store_true", help="scanned blocks in JAX")
+    ap.add_argument("--torch-threads", default=str(torch.get_num_threads()),
+                    help="comma-separated intra-op thread counts, one PyTorch row each (e.g. 2,1: on a shared "
+                         "CPU fewer threads can be faster); the ratio uses the fastest PyTorch row")
+    ap.add_argument("--jax-single-thread", action="store_true",
+                    help="XLA CPU on one thread (compare with --torch-threads 1: robust on a loaded machine)")
     ap.add_argument("--jax-bf16", action="store_true", help="also time JAX with bf16 compute (fp32 params)")
     args = ap.parse_args()
+    load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
     torch.manual_seed(0)
     cfg = build_config(args)
     from diffusers import FluxTransformer2DModel
@@ -123,7 +136,11 @@ def main():
             m16, v16 = port.load("flux-transformer", d, compute_dtype=jnp.bfloat16, scan_layers=args.scan)
             modules["jax bf16 compute"] = (m16, v16["params"])
     batch, target = make_batch(cfg, args)
-    steps = {"torch fp32 eager": torch_step_fn(ref, batch, target, 1e-5)}
+    # one model per PyTorch row (each row trains its own copy, as each JAX row does)
+    import copy
+    steps = {}
+    for n in [int(t) for t in args.torch_threads.split(",")]:
+        steps[f"torch fp32 eager, {n} thr"] = torch_step_fn(copy.deepcopy(ref), batch, target, 1e-5, n)
     for name, (m, p) in modules.items():
         steps[name] = jax_step_fn(m, p, batch, target, 1e-5)
 
@@ -140,18 +157,21 @@ def main():
             times[name].append(dt)
 
     print(f"FLUX train step: {args.double} double + {args.single} single blocks, {args.heads} heads x 128 "
-          f"(width {args.heads * 128}), {args.grid}x{args.grid}={args.grid ** 2} image tokens, {args.text} text tokens, "
-          f"batch {args.batch}, {n_params / 1e6:.1f}M params, AdamW; JAX scan={args.scan}")
+          f"(width {args.heads * 128}), {args.grid}x{args.grid}={args.grid ** 2} image tokens, "
+          f"{args.text} text tokens, "
+          f"batch {args.batch}, {n_params / 1e6:.1f}M params, AdamW; JAX scan={args.scan}, "
+          f"JAX threads={'1' if args.jax_single_thread else 'all'}")
     print(f"host: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, jax {jax.__version__} "
-          f"({jax.default_backend()}), torch {torch.__version__} ({torch.get_num_threads()} threads)")
-    base = statistics.median(times["torch fp32 eager"])
-    print(f"| {'implementation':<18} | first step (s) | median step (s) | min (s) | torch / this |")
-    print(f"|{'-' * 20}|---------------:|----------------:|--------:|-------------:|")
+          f"({jax.default_backend()}), torch {torch.__version__}; load average before: {load_before}")
+    torch_rows = [k for k in steps if k.startswith("torch")]
+    base = min(statistics.median(times[k]) for k in torch_rows)
+    print(f"| {'implementation':<24} | first step (s) | median step (s) | min (s) | best torch / this |")
+    print(f"|{'-' * 26}|---------------:|----------------:|--------:|------------------:|")
     for name in steps:
         med = statistics.median(times[name])
-        print(f"| {name:<18} | {first[name]:14.3f} | {med:15.3f} | {min(times[name]):7.3f} | {base / med:12.2f} |")
-    print(f"ratio (torch eager median / jax fp32 median): {base / statistics.median(times['jax fp32']):.2f}  "
-          f"(>1: JAX faster); last losses: " + ", ".join(f"{k}={v:.4f}" for k, v in losses.items()))
+        print(f"| {name:<24} | {first[name]:14.3f} | {med:15.3f} | {min(times[name]):7.3f} | {base / med:17.2f} |")
+    print(f"ratio (fastest torch eager median / jax fp32 median): {base / statistics.median(times['jax fp32']):.2f}"
+          f"  (>1: JAX faster); last losses: " + ", ".join(f"{k}={v:.4f}" for k, v in losses.items()))
 
 
 if __name__ == "__main__":

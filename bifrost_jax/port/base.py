@@ -122,7 +122,7 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Ma
     offset = 0
     arrays = []
     for k in sorted(tensors):
-        a = np.ascontiguousarray(np.asarray(tensors[k]))
+        a = np.array(tensors[k], order="C", copy=True)  # keeps 0-d arrays 0-d
         if a.dtype not in _NP_TO_ST:
             raise PortError(f"cannot write {k!r}: dtype {a.dtype} has no safetensors code")
         header[k] = {"dtype": _NP_TO_ST[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
@@ -309,7 +309,7 @@ def export_mapped(params, key_map: KeyMap, dtype=np.float32) -> dict[str, np.nda
         if len(parts) != len(source.keys):
             raise PortError(f"export: {_fmt(path)} has {len(parts)} layers, map has {len(source.keys)} keys")
         for k, part in zip(source.keys, parts):
-            out[k] = np.ascontiguousarray(source.transform.to_torch(part))
+            out[k] = np.array(source.transform.to_torch(part), order="C", copy=True)
     return out
 
 

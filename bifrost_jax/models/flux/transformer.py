@@ -6,7 +6,8 @@ MLP over the concatenated [text; image] sequence), 3-axis interleaved RoPE from 
 
 The building blocks (embedders, both block kinds, the RoPE table, the residual schedule) are shared with the
 ControlNets in ``controlnet.py``. Parameter names follow the diffusers module names so that the key maps in
-``port/flux.py`` read as a table: ``transformer_blocks_{i}/attn/to_q/kernel`` <- ``transformer_blocks.{i}.attn.to_q.weight``.
+``port/flux.py`` read as a table:
+``transformer_blocks_{i}/attn/to_q/kernel`` <- ``transformer_blocks.{i}.attn.to_q.weight``.
 """
 from __future__ import annotations
 
