@@ -1,0 +1,20 @@
+"""Tiny ``controlnet`` phase (stage A, spec 9): train the latent ControlNet on a frozen FLUX, with CLIP latents of a
+frozen (tiny, random) Qwen2.5-VL vision tower computed on the fly from the ViT view of the same crop.
+
+The demo starts FLUX and the VAE params-only from the ``flux`` and ``vae`` phases:
+
+    bifrost train --config configs/controlnet.py --workdir runs/demo \
+        --config.flux.init_from=runs/demo/flux/checkpoints --config.vae.init_from=runs/demo/vae/checkpoints
+"""
+import ml_collections
+
+from bifrost_jax.train.phase_configs import tiny_flux_family, tiny_vision_section
+
+
+def get_config():
+    c = tiny_flux_family("controlnet")
+    c.vision = tiny_vision_section()
+    c.controlnet = ml_collections.ConfigDict(dict(num_layers=1, num_single_layers=1, from_transformer=True,
+                                                  dtype="float32", param_dtype="float32", scan_layers=False,
+                                                  remat_policy="none", port_dir="", init_from="", init_step=-1))
+    return c

@@ -1,0 +1,28 @@
+"""Full-size generation config for ``bifrost aot --phase generate`` (engineer M): Qwen2.5-VL-7B MLLM with its
+generation branch (256 CLIP-latent slots, 300-token prompts) + FLUX.1-dev with the 4 double / 1 single latent
+ControlNet at 512 px, bf16 weights, scanned layers. Only the model shapes matter: AOT compiles with abstract weights.
+
+    PYTHONPATH=. /work/tpuvenv/bin/python -m bifrost_jax.cli aot --config configs/full/generate_aot.py \
+        --phase generate --topology v5p:2x2x1
+"""
+import ml_collections
+
+from bifrost_jax.train.phase_configs import FLUX_DEV, QWEN_VL_7B_TEXT
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.phase = "generate"
+    c.dtype, c.param_dtype, c.scan_layers = "bfloat16", "bfloat16", True
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1))
+    c.generate_batch = 0  # 0: one image per batch shard (data * fsdp)
+    c.mllm = ml_collections.ConfigDict(dict(model=dict(text=QWEN_VL_7B_TEXT, num_image_tokens=256,
+                                                       image_grid=(16, 16)), max_prompt_length=300))
+    c.transformer = ml_collections.ConfigDict(dict(model=dict(FLUX_DEV)))
+    c.controlnet = ml_collections.ConfigDict(dict(model=dict(FLUX_DEV, num_layers=4, num_single_layers=1,
+                                                             clip_latent_dim=QWEN_VL_7B_TEXT["hidden_size"],
+                                                             clip_grid=(16, 16))))
+    c.t5 = ml_collections.ConfigDict(dict(max_length=512))
+    # released defaults (spec 8): no MLLM-side CFG, FLUX distilled guidance 3.5
+    c.sample = ml_collections.ConfigDict(dict(mllm_cfg=1.0, guidance=3.5, conditioning_scale=1.0))
+    return c

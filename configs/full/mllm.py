@@ -1,0 +1,23 @@
+"""Full-size ``mllm`` phase (stage B, spec 6): the generation branch of Qwen2.5-VL-7B (frozen language model and
+ViT from ``mllm.port_dir``; branch copied from the loaded weights), 448 px ViT view -> 256 CLIP-latent targets,
+300-token left-padded prompts, MAR masking (truncated normal on [0.7, 1], mean 1, std 0.25), MSE on all slots.
+Hyper-parameters from the experiment names of spec 6.3 (lr 5e-4, 5k warm-up, 50k steps); batch unknown.
+"""
+import ml_collections
+
+from bifrost_jax.train.phase_configs import (FULL_PORTS, QWEN_VL_7B_TEXT, _section, full_base,
+                                             full_vision_section)
+
+
+def get_config():
+    c = full_base("mllm")
+    c.mllm = _section(dict(text=QWEN_VL_7B_TEXT, num_image_tokens=256, image_grid=(16, 16), mask_ratio_min=0.7,
+                           mask_ratio_max=1.0, mask_ratio_mean=1.0, mask_ratio_std=0.25),
+                      dtype="bfloat16", param_dtype="float32", scan_layers=True, remat_policy="full",
+                      port_dir=FULL_PORTS["qwen"], tokenizer_dir=FULL_PORTS["qwen"], max_prompt_length=300)
+    c.vision = full_vision_section()
+    c.model = ml_collections.ConfigDict(dict(per_example_ratio=False))
+    c.data.update(vae_resolution=0, text_dropout=0.0)
+    c.train.update(batch_size=128)
+    c.optim.update(lr=5e-4, warmup_steps=5000)
+    return c
