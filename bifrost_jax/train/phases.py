@@ -82,9 +82,13 @@ class Phase:
         return None
 
 
-# name -> "module:Class". The real phases ("controlnet", "mllm", "flux") are added as their models land.
+# name -> "module:Class", imported on first use.
 PHASES: dict[str, str] = {
     "toy": "bifrost_jax.train.toy:ToyPhase",
+    "controlnet": "bifrost_jax.train.bifrost_phases:ControlNetPhase",
+    "mllm": "bifrost_jax.train.bifrost_phases:MllmPhase",
+    "flux": "bifrost_jax.train.bifrost_phases:FluxPhase",
+    "vae": "bifrost_jax.train.bifrost_phases:VaePhase",
 }
 
 
