@@ -1,0 +1,550 @@
+"""``bifrost demo``: the embedded default, end to end on CPU (what ``make demo`` runs).
+
+    bifrost demo --workdir runs/demo [--fast] [--force PHASE ...] [--config FILE] [--config.KEY=VALUE ...]
+
+1. Trains the four tiny phases on the built-in shapes data (generated into ``WORKDIR/data`` on first use), in
+   order ``vae -> flux -> controlnet -> mllm``, each through the generic loop (``train.loop.train``) with the
+   config of ``configs/<phase>.py`` overridden by the ONE demo config (``configs/demo.py``: shared model sizes,
+   per-phase steps / batch / lr). A phase whose final checkpoint exists is reused, not retrained; an interrupted
+   one resumes. ``--force PHASE`` retrains it and every phase that depends on it.
+2. Builds the Bifrost pipeline from the checkpoints (the frozen random T5 / CLIP / ViT / language model are
+   rebuilt from the same fixed keys the phases used: checkpoints hold only trained weights) and generates one image
+   per held-out prompt (shapes ``test`` split: every prompt holds a colour-shape pair never seen in training).
+3. Scores the images with the pixel-level shapes checker, beside the chance levels, and for reference scores
+   FLUX alone (text only, ControlNet off), reconstruction (GT image -> ViT latents -> ControlNet + FLUX) and the
+   ground-truth images at the same resolution (the checker's ceiling).
+4. Writes ``WORKDIR/demo/grid.png`` (rows: prompts; columns: ground truth, Bifrost, FLUX alone, reconstruction),
+   ``WORKDIR/demo/report.json`` and ``WORKDIR/demo/summary.txt``, and prints the summary.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+PHASE_ORDER = ("vae", "flux", "controlnet", "mllm")
+# phase -> the phases whose checkpoints it starts from (a forced phase forces its dependents)
+DEPENDS_ON = {"vae": (), "flux": ("vae",), "controlnet": ("flux", "vae"), "mllm": ()}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CONFIG = os.path.join(ROOT, "configs", "demo.py")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# phase configs from the demo config
+
+def _set(cfg, dotted: str, value) -> None:
+    """Set an EXISTING key of a phase config (a key the phase config lacks means the two drifted apart)."""
+    import ml_collections
+
+    *parents, leaf = dotted.split(".")
+    node = cfg
+    for p in parents:
+        node = node[p]
+    if leaf not in node:
+        raise KeyError(f"demo: the {cfg.phase!r} phase config has no key {dotted!r} (configs/{cfg.phase}.py changed?)")
+    if isinstance(value, dict):
+        value = ml_collections.ConfigDict(value)
+    with node.unlocked():
+        node[leaf] = value
+
+
+def phase_configs(demo, workdir: str, *, fast: bool = False) -> dict[str, Any]:
+    """``{phase: config}``: ``configs/<phase>.py`` with the demo's sizes, schedule, data and mesh."""
+    from bifrost_jax.configs import load_config_file
+
+    workdir = os.path.abspath(workdir)
+    m = demo.models
+    ckpt = lambda name: os.path.join(workdir, name, "checkpoints")  # noqa: E731
+    out = {}
+    for name in PHASE_ORDER:
+        c = load_config_file(os.path.join(ROOT, "configs", f"{name}.py"))
+        p = demo.phases[name]
+        steps = max(2, int(round(p.steps * demo.fast_fraction))) if fast else int(p.steps)
+        _set(c, "seed", int(demo.seed))
+        _set(c, "mesh", demo.mesh.to_dict())
+        for k, v in (("steps", steps), ("batch_size", int(p.batch_size)), ("log_every", min(demo.log_every, steps)),
+                     ("tensorboard", False)):
+            _set(c, f"train.{k}", v)
+        _set(c, "optim.lr", float(p.lr))
+        _set(c, "optim.warmup_steps", min(int(p.warmup_steps), steps // 4))
+        _set(c, "checkpoint.every", steps)  # the final step only (a resumable save costs seconds on CPU)
+        _set(c, "checkpoint.keep", 1)
+        _set(c, "data.data_dir", os.path.join(workdir, "data", "shapes"))
+        _set(c, "data.image_resolution", int(demo.data.image_resolution))
+        _set(c, "data.vae_resolution", int(demo.data.vae_resolution))
+        _set(c, "data.train_size", int(demo.data.train_size))
+        _set(c, "data.shapes_seed", int(demo.data.shapes_seed))
+        if "text_dropout" in p:
+            _set(c, "data.text_dropout", float(p.text_dropout))
+        if name == "mllm":
+            _set(c, "mllm.config.text", m.mllm_text.to_dict())
+            _set(c, "mllm.max_prompt_length", int(m.mllm_max_prompt_length))
+        else:
+            _set(c, "vae.config", m.vae.to_dict())
+        if name in ("flux", "controlnet"):
+            _set(c, "flux.config", m.flux.to_dict())
+            _set(c, "t5.config", m.t5.to_dict())
+            _set(c, "clip.config", m.clip.to_dict())
+            _set(c, "t5.max_length", int(m.text_max_length))
+            _set(c, "clip.max_length", int(m.text_max_length))
+            _set(c, "vae.init_from", ckpt("vae"))
+        if name in ("controlnet", "mllm"):
+            _set(c, "vision.config", m.vision.to_dict())
+            _set(c, "vision.resolution", int(m.vision_resolution))
+        if name == "controlnet":
+            _set(c, "flux.init_from", ckpt("flux"))
+            _set(c, "controlnet.num_layers", int(m.controlnet.num_layers))
+            _set(c, "controlnet.num_single_layers", int(m.controlnet.num_single_layers))
+        if name == "mllm":
+            merge = m.vision.spatial_merge_size * m.vision.patch_size
+            g = int(m.vision_resolution) // merge
+            _set(c, "mllm.config.num_image_tokens", g * g)
+            _set(c, "mllm.config.image_grid", (g, g))
+        out[name] = c
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# training
+
+def latest_step(workdir: str, name: str) -> int | None:
+    root = os.path.join(os.path.abspath(workdir), name, "checkpoints")
+    if not os.path.isdir(root):
+        return None
+    steps = [int(d) for d in os.listdir(root) if d.isdigit() and os.path.isdir(os.path.join(root, d, "params"))]
+    return max(steps) if steps else None
+
+
+def _fingerprint(config) -> dict:
+    """The phase config minus the paths derived from the workdir (a moved workdir stays reusable)."""
+    d = json.loads(config.to_json())
+    d.get("data", {}).pop("data_dir", None)
+    for section in d.values():
+        if isinstance(section, dict):
+            section.pop("init_from", None)
+    return d
+
+
+def _log(msg: str) -> None:
+    print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class _CopyControlNetInit:
+    """WORKAROUND (reported to the lead): ``bifrost_phases._place_partial`` puts the FLUX weights copied into the
+    ControlNet on the SAME sharding, which on a single device returns the very same buffers; the train step then
+    donates ``params.controlnet`` while ``frozen.transformer`` still reads them ("Attempt to use a buffer that was
+    previously donated"). On one device (the demo) we hand it real copies."""
+
+    def __enter__(self):
+        import jax.numpy as jnp
+        from bifrost_jax.train import bifrost_phases as bp
+
+        self._module, self._orig = bp, bp._place_partial
+        orig = self._orig
+
+        def place_copies(values, abstract, shardings):
+            import jax
+            return orig(jax.tree.map(lambda a: jnp.array(a, copy=True), values), abstract, shardings)
+        bp._place_partial = place_copies
+        return self
+
+    def __exit__(self, *exc):
+        self._module._place_partial = self._orig
+
+
+def phases_to_force(force: Sequence[str]) -> set[str]:
+    """``force`` and every phase that starts (transitively) from one of them."""
+    forced = set()
+    for name in PHASE_ORDER:
+        if name in force or any(d in forced for d in DEPENDS_ON[name]):
+            forced.add(name)
+    return forced
+
+
+def run_phases(configs: dict, workdir: str, *, force: Sequence[str] = (), progress_bar: bool = True) -> dict:
+    """Train every phase not yet finished; returns ``{phase: {"status", "seconds", "steps", "last_metrics"}}``."""
+    from bifrost_jax.train import bifrost_phases  # noqa: F401  (registers the phases)
+    from bifrost_jax.train.loop import train
+
+    forced = phases_to_force(force)
+    records_path = os.path.join(os.path.abspath(workdir), "demo", "phases.json")
+    records = _read_json(records_path, {})
+    out = {}
+    for name in PHASE_ORDER:
+        config = configs[name]
+        phase_dir = os.path.join(os.path.abspath(workdir), name)
+        stamp = os.path.join(phase_dir, "demo_phase_config.json")
+        steps = int(config.train.steps)
+        if name in forced and os.path.isdir(phase_dir):
+            _log(f"phase {name}: --force: removing {phase_dir}")
+            shutil.rmtree(phase_dir)
+            records.pop(name, None)
+        if os.path.isfile(stamp) and _read_json(stamp, None) != _fingerprint(config):
+            raise RuntimeError(f"{phase_dir} was trained with another config than this demo config (sizes, steps "
+                               f"or --fast differ): rerun with --force {name}, or use another --workdir")
+        done = latest_step(workdir, name)
+        if done is not None and done >= steps:
+            prev = records.get(name, {})
+            _log(f"phase {name}: reusing the finished checkpoint (step {done}) in {phase_dir}/checkpoints")
+            out[name] = {"status": "reused", "seconds": 0.0, "steps": done,
+                         "trained_seconds": prev.get("seconds"), "last_metrics": prev.get("last_metrics", {})}
+            continue
+        os.makedirs(phase_dir, exist_ok=True)
+        with open(stamp, "w") as fh:
+            json.dump(_fingerprint(config), fh, indent=1)
+        _log(f"phase {name}: start ({steps} steps, batch {config.train.batch_size}, lr {config.optim.lr:g})"
+             + (f", resuming from step {done}" if done is not None else ""))
+        t0 = time.perf_counter()
+        with _CopyControlNetInit():
+            result = train(config, workdir, progress_bar=progress_bar)
+        seconds = time.perf_counter() - t0
+        if result.preempted:
+            raise SystemExit(f"phase {name} was interrupted at step {result.step}; rerun to resume")
+        metrics = {k: float(v) for k, v in (result.last_metrics or {}).items() if np.ndim(v) == 0}
+        _log(f"phase {name}: done in {seconds:.0f} s, "
+             + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in ("loss", "mse", "recon", "mse_masked")))
+        records[name] = {"seconds": seconds, "steps": int(result.step), "last_metrics": metrics}
+        _write_json(records_path, records)
+        out[name] = {"status": "trained", "seconds": seconds, "steps": int(result.step), "last_metrics": metrics}
+    return out
+
+
+def _read_json(path, default):
+    if not os.path.isfile(path):
+        return default
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def _write_json(path, obj):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=2)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the trained pipeline
+
+def _restore(path: str, wanted: dict) -> dict:
+    """Flat ``{path: array}`` of the ``wanted`` variables (flat ``{path: array-like}``) from a phase checkpoint,
+    which must hold exactly them (strict both ways)."""
+    import jax
+    from flax import traverse_util
+
+    from bifrost_jax.train import checkpoint as ckpt
+
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = traverse_util.unflatten_dict({k: jax.ShapeDtypeStruct(np.shape(v), v.dtype, sharding=device)
+                                             for k, v in wanted.items()})
+    restored, _ = ckpt.restore_params(path, abstract)
+    return restored
+
+
+def load_pipeline(configs: dict, workdir: str, generate=None):
+    """A ``BifrostPipeline`` of the trained demo: trained weights from the four phase checkpoints, frozen ones
+    rebuilt from the fixed keys the phases initialised them with."""
+    import flax.linen as nn
+    import jax
+    from flax import traverse_util
+
+    from bifrost_jax.data.prompt import load_tokenizer
+    from bifrost_jax.sample.pipeline import BifrostPipeline, FluxTextEncoder, SamplingOptions
+    from bifrost_jax.train.bifrost_phases import ControlNetPhase, MllmPhase, word_tokenizer_dir
+    from bifrost_jax.train.text_conditioning import PaddedTokenizer
+
+    cn_cfg, mllm_cfg = configs["controlnet"], configs["mllm"]
+    cn, mp = ControlNetPhase(cn_cfg), MllmPhase(mllm_cfg)
+    key = jax.random.PRNGKey(0)
+    cn_vars = traverse_util.flatten_dict(nn.meta.unbox(jax.jit(cn.init_variables)(key)))
+    mllm_vars = traverse_util.flatten_dict(nn.meta.unbox(jax.jit(mp.init_variables)(key)))
+    ckpt = lambda name: os.path.join(os.path.abspath(workdir), name, "checkpoints")  # noqa: E731
+    pick = lambda flat, pred: {k: v for k, v in flat.items() if pred(k)}  # noqa: E731
+    # trained: FLUX (flux), VAE (vae), ControlNet + its BatchNorm statistics (controlnet), the branch (mllm)
+    cn_vars.update(_restore(ckpt("flux"), pick(cn_vars, lambda k: k[:2] == ("params", "transformer"))))
+    cn_vars.update(_restore(ckpt("vae"), pick(cn_vars, lambda k: k[:2] == ("params", "vae"))))
+    cn_vars.update(_restore(ckpt("controlnet"), pick(cn_vars, lambda k: k[1] == "controlnet")))
+    mllm_vars.update(_restore(ckpt("mllm"), pick(mllm_vars, lambda k: k[0] == "params" and mp.is_trainable(k[1:]))))
+    v, mv = traverse_util.unflatten_dict(cn_vars), traverse_util.unflatten_dict(mllm_vars)
+    for a, b in zip(jax.tree.leaves(v["params"]["vision"]), jax.tree.leaves(mv["params"]["vision"])):
+        if not np.array_equal(np.asarray(a), np.asarray(b)):  # both phases must have seen the same frozen ViT
+            raise RuntimeError("the controlnet and mllm phases built different frozen vision towers")
+
+    tok_dir = word_tokenizer_dir(cn_cfg.data, None)
+    encode_text = FluxTextEncoder(cn.t5.module, {"params": v["params"]["t5"]},
+                                  PaddedTokenizer(tok_dir, cn_cfg.t5.max_length),
+                                  cn.clip.module, {"params": v["params"]["clip"]},
+                                  PaddedTokenizer(tok_dir, cn_cfg.clip.max_length))
+    g = generate
+    options = SamplingOptions() if g is None else SamplingOptions(
+        num_images_per_prompt=int(g.images_per_prompt), seed=int(g.seed), mar_steps=int(g.mar_steps) or None,
+        mllm_cfg=float(g.mllm_cfg), flux_steps=int(g.flux_steps), guidance=float(g.guidance),
+        conditioning_scale=float(g.conditioning_scale))
+    return BifrostPipeline(
+        transformer=cn.transformer.module, transformer_variables={"params": v["params"]["transformer"]},
+        controlnet=cn.controlnet.module,
+        controlnet_variables={"params": v["params"]["controlnet"], "batch_stats": v["batch_stats"]["controlnet"]},
+        vae=cn.vae.module, vae_variables={"params": v["params"]["vae"]}, encode_text=encode_text,
+        mllm=mp.mllm.module, mllm_variables={"params": mv["params"]["mllm"]}, tokenizer=load_tokenizer(tok_dir),
+        max_prompt_length=int(mllm_cfg.mllm.max_prompt_length), vision=cn.vision.module,
+        vision_variables={"params": v["params"]["vision"]}, options=options)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# held-out prompts, generation, scoring
+
+@dataclasses.dataclass
+class HeldOut:
+    captions: list[str]
+    specs: list[Any]
+    gt: np.ndarray          # uint8 (P, R, R, 3) at the generated resolution (the VAE view)
+    vit_views: np.ndarray   # uint8 (P, V, V, 3): the ViT view of the same crop (for reconstruction)
+
+
+def held_out_prompts(demo, num_prompts: int, *, out_resolution: int, vit_resolution: int) -> HeldOut:
+    """The first ``num_prompts`` scenes of the shapes ``test`` split (a pure function of the options: no build),
+    with their ground-truth images cut exactly like the training views."""
+    from bifrost_jax.data.preprocess import crop_box, decode_image, resize_crop
+    from bifrost_jax.data.shapes import ShapesOptions, make_example, parse_caption
+
+    options = ShapesOptions(resolution=int(demo.data.image_resolution), train_size=int(demo.data.train_size),
+                            validation_size=0, test_size=num_prompts, seed=int(demo.data.shapes_seed))
+    captions, specs, gt, vit = [], [], [], []
+    for i in range(num_prompts):
+        ex = make_example(options, "test", i)
+        image = decode_image(ex["image"])
+        box = crop_box(image.width, image.height)
+        captions.append(ex["caption"])
+        specs.append(parse_caption(ex["caption"]))
+        gt.append(resize_crop(image, box, out_resolution))
+        vit.append(resize_crop(image, box, vit_resolution))
+    return HeldOut(captions, specs, np.stack(gt), np.stack(vit))
+
+
+def _block(x):
+    import jax
+    return jax.block_until_ready(x)
+
+
+def staged_generate(pipe, prompts: Sequence[str], *, seed: int, mar_steps: int | None, flux_steps: int,
+                    conditioning_scale: float | None = None, clip_latents=None):
+    """``pipe.generate`` (one image per prompt, every prompt re-seeded with ``seed``) split into its two stages
+    and timed: returns ``(images uint8, seconds_mllm, seconds_diffusion)``. ``clip_latents`` (P, N, C) skips the
+    MLLM stage (FLUX alone passes zeros with ``conditioning_scale=0``)."""
+    import jax
+    import jax.numpy as jnp
+
+    o = pipe.options
+    keys = jnp.stack([jax.random.PRNGKey(int(seed))] * len(prompts))
+    split = jax.vmap(jax.random.split)(keys)
+    t0 = time.perf_counter()
+    if clip_latents is None:
+        latents = _block(pipe.decode_latents(list(prompts), split[:, 0], num_images_per_prompt=1,
+                                             mar_steps=mar_steps, mllm_cfg=o.mllm_cfg))
+        latents = latents.reshape((-1,) + latents.shape[2:])
+    else:
+        latents = jnp.asarray(clip_latents, jnp.float32)
+    t1 = time.perf_counter()
+    embeds, pooled = pipe._text(list(prompts))
+    packed = pipe.sample_flux(latents, embeds, pooled, pipe.noise(split[:, 1], 1), flux_steps=flux_steps,
+                              guidance=o.guidance,
+                              conditioning_scale=o.conditioning_scale if conditioning_scale is None
+                              else conditioning_scale)
+    images = np.asarray(jax.device_get(pipe.decode(packed)))
+    t2 = time.perf_counter()
+    return images, t1 - t0, t2 - t1
+
+
+def generate_batched(pipe, prompts, batch: int, **kw):
+    """``staged_generate`` over chunks of ``batch`` prompts (same shapes every chunk but the last)."""
+    images, t_m, t_d = [], 0.0, 0.0
+    latents = kw.pop("clip_latents", None)
+    for i in range(0, len(prompts), batch):
+        chunk = dict(kw)
+        if latents is not None:
+            chunk["clip_latents"] = latents[i:i + batch]
+        im, a, b = staged_generate(pipe, prompts[i:i + batch], **chunk)
+        images.append(im)
+        t_m, t_d = t_m + a, t_d + b
+    return np.concatenate(images), t_m, t_d
+
+
+def score(images, specs):
+    from bifrost_jax.eval.shapes_checker import evaluate
+    return evaluate(list(images), specs)
+
+
+def _upscale(images: np.ndarray, factor: int) -> np.ndarray:
+    return images.repeat(factor, axis=1).repeat(factor, axis=2) if factor > 1 else images
+
+
+def evaluate_demo(demo, configs: dict, workdir: str, *, num_prompts: int | None = None) -> dict:
+    """Generate for held-out prompts, score every variant, write the grid; returns the report dict."""
+    from bifrost_jax.sample.pipeline import make_grid, save_png
+
+    g = demo.generate
+    out_dir = os.path.join(os.path.abspath(workdir), "demo")
+    os.makedirs(out_dir, exist_ok=True)
+    t0 = time.perf_counter()
+    pipe = load_pipeline(configs, workdir, g)
+    t_load = time.perf_counter() - t0
+    n = int(num_prompts or g.num_prompts)
+    res = pipe.image_size[0]
+    held = held_out_prompts(demo, n, out_resolution=res, vit_resolution=pipe.vision_size[0])
+    kw = dict(seed=int(g.seed), flux_steps=int(g.flux_steps))
+    batch = int(g.batch)
+    # warm-up (compilation) on one batch-shaped call, so the timings below are per-image generation time
+    t0 = time.perf_counter()
+    staged_generate(pipe, held.captions[:min(batch, n)], mar_steps=int(g.mar_steps) or None, **kw)
+    t_compile = time.perf_counter() - t0
+    images, t_mllm, t_diff = generate_batched(pipe, held.captions, batch, mar_steps=int(g.mar_steps) or None, **kw)
+    variants = {"bifrost": images}
+    reports = {"bifrost": score(images, held.specs)}
+    if g.images_per_prompt != 1:
+        _log("generate.images_per_prompt is fixed to 1 in the demo's scoring")
+    if demo.eval.flux_alone:
+        n_tok = pipe.controlnet.config.clip_grid[0] * pipe.controlnet.config.clip_grid[1]
+        zeros = np.zeros((n, n_tok, pipe.controlnet.config.clip_latent_dim), np.float32)
+        variants["flux_alone"], _, _ = generate_batched(pipe, held.captions, batch, mar_steps=None,
+                                                        conditioning_scale=0.0, clip_latents=zeros, **kw)
+        reports["flux_alone"] = score(variants["flux_alone"], held.specs)
+    if demo.eval.reconstruction:
+        latents = np.asarray(pipe.clip_latents_of(held.vit_views))
+        variants["reconstruction"], _, _ = generate_batched(pipe, held.captions, batch, mar_steps=None,
+                                                            clip_latents=latents, **kw)
+        reports["reconstruction"] = score(variants["reconstruction"], held.specs)
+    reports["ground_truth"] = score(held.gt, held.specs)
+
+    rows = min(int(g.grid_prompts), n)
+    cols = [held.gt[:rows]] + [variants[k][:rows] for k in ("bifrost", "flux_alone", "reconstruction")
+                               if k in variants]
+    cells = np.stack(cols, axis=1).reshape((-1,) + held.gt.shape[1:])
+    grid_path = os.path.join(out_dir, "grid.png")
+    save_png(grid_path, make_grid(_upscale(cells, max(1, 96 // res)), cols=len(cols)))
+    with open(os.path.join(out_dir, "grid_prompts.txt"), "w") as fh:
+        fh.write("columns: " + ", ".join(["ground truth", "bifrost"] + [k for k in ("flux_alone", "reconstruction")
+                                                                        if k in variants]) + "\n")
+        fh.writelines(f"row {i}: {c}\n" for i, c in enumerate(held.captions[:rows]))
+    for name, ims in variants.items():
+        np.save(os.path.join(out_dir, f"images_{name}.npy"), ims)
+    return {
+        "num_prompts": n, "image_size": list(pipe.image_size), "seconds_load": t_load, "seconds_compile": t_compile,
+        "seconds_per_image": {"mllm": t_mllm / n, "diffusion": t_diff / n, "total": (t_mllm + t_diff) / n},
+        "sampling": {"mar_steps": int(g.mar_steps) or None, "flux_steps": int(g.flux_steps),
+                     "guidance": float(g.guidance), "conditioning_scale": float(g.conditioning_scale),
+                     "mllm_cfg": float(g.mllm_cfg), "seed": int(g.seed)},
+        "scores": {k: {"accuracy": r.accuracy, "chance": r.chance, "counts": r.counts} for k, r in reports.items()},
+        "score_tables": {k: r.format() for k, r in reports.items()},
+        "grid": grid_path, "prompts": held.captions,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# summary
+
+def format_summary(report: dict, phases: dict, workdir: str, *, total_seconds: float, fast: bool) -> str:
+    w = os.path.abspath(workdir)
+    ev = report
+    lines = ["=" * 78, "Bifrost-1 (JAX) embedded demo" + ("  [--fast: a quick look, not the reported numbers]"
+                                                        if fast else ""), "=" * 78]
+    lines.append("phases (tiny models trained from scratch on the shapes data, CPU):")
+    for name in PHASE_ORDER:
+        p = phases[name]
+        m = p.get("last_metrics") or {}
+        loss = m.get("loss")
+        how = (f"trained {p['seconds']:.0f} s" if p["status"] == "trained"
+               else "reused" + (f" (trained in {p['trained_seconds']:.0f} s)" if p.get("trained_seconds") else ""))
+        lines.append(f"  {name:<11} {p['steps']:>5} steps  {how:<28}"
+                     + (f" final loss {loss:.4g}" if loss is not None else "") + f"   {w}/{name}/checkpoints")
+    s = ev["seconds_per_image"]
+    lines.append(f"generation: {ev['num_prompts']} held-out prompts (unseen colour-shape pairs), "
+                 f"{ev['image_size'][0]}x{ev['image_size'][1]} px, MAR {ev['sampling']['mar_steps']} steps, "
+                 f"FLUX {ev['sampling']['flux_steps']} steps")
+    lines.append(f"  per image: MLLM {s['mllm'] * 1e3:.1f} ms + diffusion {s['diffusion'] * 1e3:.1f} ms "
+                 f"(after {ev['seconds_compile']:.0f} s of compilation)")
+    lines.append("shapes checker (accuracy / chance):")
+    names = [k for k in ("bifrost", "flux_alone", "reconstruction", "ground_truth") if k in ev["scores"]]
+    attrs = [a for a in ("color", "shape", "count", "relation", "position", "overall")
+             if ev["scores"]["bifrost"]["counts"].get(a)]
+    lines.append(f"  {'':<15}" + "".join(f"{a:>10}" for a in attrs))
+    chance = ev["scores"]["bifrost"]["chance"]
+    lines.append(f"  {'chance':<15}" + "".join(f"{chance[a]:>10.3f}" for a in attrs))
+    for k in names:
+        acc = ev["scores"][k]["accuracy"]
+        lines.append(f"  {k:<15}" + "".join(f"{acc[a]:>10.3f}" for a in attrs))
+    lines.append("  bifrost = MLLM (MAR) -> CLIP latents -> ControlNet + FLUX; flux_alone = same FLUX, ControlNet "
+                 "off;")
+    lines.append("  reconstruction = the ground-truth image's ViT latents -> ControlNet + FLUX; ground_truth = the "
+                 "real images")
+    lines.append("  (the checker's ceiling at this resolution). The ViT is frozen at RANDOM init (nothing "
+                 "pretrained offline).")
+    lines.append("outputs:")
+    lines.append(f"  grid        {ev['grid']}  (rows: {os.path.join(w, 'demo', 'grid_prompts.txt')})")
+    lines.append(f"  report      {os.path.join(w, 'demo', 'report.json')}")
+    lines.append(f"  data        {os.path.join(w, 'data', 'shapes')}")
+    lines.append(f"  logs        {w}/<phase>/metrics.jsonl")
+    lines.append(f"total time: {total_seconds:.0f} s")
+    lines.append("=" * 78)
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# command line
+
+def load_demo_config(argv_config: Sequence[str]):
+    from bifrost_jax.configs import parse_config_flags
+
+    args = list(argv_config)
+    if not any(a == "--config" or a.startswith("--config=") for a in args):
+        args = ["--config", DEFAULT_CONFIG] + args
+    config, _ = parse_config_flags(args)
+    return config
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        prog="bifrost demo", allow_abbrev=False,
+        description="The embedded default: train the tiny phases on the shapes data on CPU, generate for held-out "
+                    "prompts, score them. Also takes --config FILE (default configs/demo.py) and "
+                    "--config.KEY=VALUE overrides.")
+    parser.add_argument("--workdir", required=True, help="where data, checkpoints, logs and results go")
+    parser.add_argument("--fast", action="store_true",
+                        help="train a fraction (config.fast_fraction) of every phase's steps, score fewer prompts")
+    parser.add_argument("--force", action="append", default=[], choices=PHASE_ORDER,
+                        help="retrain PHASE and the phases that start from it (repeatable)")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    args, rest = parser.parse_known_args(argv)
+    demo = load_demo_config(rest)
+    t_start = time.perf_counter()
+    workdir = os.path.abspath(args.workdir)
+    os.makedirs(workdir, exist_ok=True)
+    _log(f"workdir {workdir}" + (" (--fast)" if args.fast else ""))
+    configs = phase_configs(demo, workdir, fast=args.fast)
+    phases = run_phases(configs, workdir, force=args.force, progress_bar=not args.no_progress)
+    _log("generating for held-out prompts and scoring")
+    t0 = time.perf_counter()
+    n = min(int(demo.generate.num_prompts), 16) if args.fast else None
+    report = evaluate_demo(demo, configs, workdir, num_prompts=n)
+    report["seconds_generate_and_score"] = time.perf_counter() - t0
+    total = time.perf_counter() - t_start
+    report.update(phases=phases, total_seconds=total, fast=bool(args.fast), workdir=workdir,
+                  demo_config=json.loads(demo.to_json()))
+    summary = format_summary(report, phases, workdir, total_seconds=total, fast=args.fast)
+    _write_json(os.path.join(workdir, "demo", "report.json"), report)
+    with open(os.path.join(workdir, "demo", "summary.txt"), "w") as fh:
+        fh.write(summary + "\n")
+    print(summary, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""The embedded default: the whole Bifrost-1 system, tiny, trained from scratch on CPU on the built-in shapes data.
+
+ONE file describes the demo: the model sizes every phase shares, per-phase steps / batch / learning rate, and the
+generation and evaluation settings. ``bifrost_jax.demo`` turns it into the configs of the four phases
+(``configs/{vae,flux,controlnet,mllm}.py``, whose other settings are kept) and runs them in order:
+
+    vae -> flux -> controlnet (FLUX and VAE from the two phases before) -> mllm -> generate + score
+
+Geometry (spec 7.1 item 3, the grids must align): shapes images rendered at 64 px; VAE view 32 px, VAE downsampling
+2 -> 16x16x4 latents -> 2x2 packing -> 8x8 = 64 FLUX tokens; ViT view 112 px -> 8x8 patches of 14 px -> 2x2 merge
+-> 4x4 = N = 16 CLIP latents -> the ControlNet's 2x upsampler -> 8x8 = the FLUX token grid.
+
+The ViT (Qwen2.5-VL architecture) stays FROZEN AT ITS RANDOM INIT (nothing pretrained exists offline): its latents
+are still a deterministic feature map of the image, which is all the ControlNet and the MLLM need here. The T5 and
+CLIP text encoders are frozen random too; the word tokenizer is built from the dataset vocabulary.
+
+    make demo                                     # = bifrost demo --workdir runs/demo
+    bifrost demo --workdir runs/demo [--fast] [--force PHASE] [--config.phases.flux.steps=800 ...]
+"""
+import ml_collections
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    # One CPU device by default (tiny models: XLA's intra-op threads beat splitting the batch); tests run on 8
+    # simulated devices, where fsdp=-1 takes them all.
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+
+    # shapes data, generated into WORKDIR/data on first use
+    c.data = ml_collections.ConfigDict(dict(image_resolution=64, vae_resolution=32, train_size=4096, shapes_seed=0))
+
+    # the shared model sizes (diffusers / transformers config.json fields)
+    m = ml_collections.ConfigDict()
+    m.vae = dict(in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1, latent_channels=4,
+                 norm_num_groups=8, sample_size=32, scaling_factor=1.0, shift_factor=0.0)
+    m.flux = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=32,
+                  num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=64, guidance_embeds=True,
+                  axes_dims_rope=(8, 12, 12))
+    m.t5 = dict(vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=1, num_heads=4,
+                relative_attention_num_buckets=8, relative_attention_max_distance=16, feed_forward_proj="gated-gelu")
+    m.clip = dict(model_type="clip_text_model", vocab_size=128, hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=16, hidden_act="quick_gelu",
+                  eos_token_id=0, bos_token_id=0, pad_token_id=0, projection_dim=64)
+    m.text_max_length = 16
+    m.vision = dict(depth=2, hidden_size=64, num_heads=4, intermediate_size=128, out_hidden_size=64, patch_size=14,
+                    temporal_patch_size=2, spatial_merge_size=2, window_size=56, fullatt_block_indexes=(1,))
+    m.vision_resolution = 112
+    m.controlnet = dict(num_layers=1, num_single_layers=1)
+    m.mllm_text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=128, rope_theta=1e6, mrope_section=(4, 2, 2))
+    m.mllm_max_prompt_length = 48
+    c.models = m
+
+    # per phase: optimizer steps, global batch, peak lr (linear warm-up, then cosine decay)
+    c.phases = ml_collections.ConfigDict()
+    for name, steps, batch, lr in (("vae", 300, 16, 2e-3), ("flux", 1600, 16, 1e-3),
+                                   ("controlnet", 800, 16, 1e-3), ("mllm", 1500, 16, 1e-3)):
+        c.phases[name] = ml_collections.ConfigDict(dict(steps=steps, batch_size=batch, lr=lr, warmup_steps=50))
+    # the unconditional prompt "" (MLLM classifier-free guidance, generate.mllm_cfg > 1) must be seen in training
+    c.phases.mllm.text_dropout = 0.1
+    c.log_every = 50
+    c.fast_fraction = 0.2           # --fast: this fraction of every phase's steps (a quick look, not the numbers)
+
+    # generation for held-out prompts. MLLM CFG 3: without it the MSE-regressed latents of these sparse scenes
+    # collapse to the blank-canvas mean and FLUX draws nothing (measured: 0.1% non-white pixels at cfg 1, 6% at 3) (shapes "test" split: every prompt holds an unseen colour-shape pair)
+    c.generate = ml_collections.ConfigDict(dict(num_prompts=64, images_per_prompt=1, seed=42, mar_steps=16,
+                                                mllm_cfg=3.0, flux_steps=12, guidance=3.5, conditioning_scale=1.0,
+                                                grid_prompts=16, batch=32))
+    # also score FLUX alone (text only, ControlNet off) and reconstruction (GT image -> ViT -> ControlNet + FLUX)
+    c.eval = ml_collections.ConfigDict(dict(flux_alone=True, reconstruction=True))
+    return c
