@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 Dtype = Any
 Axes = tuple[str | None, ...]
@@ -19,10 +20,41 @@ Axes = tuple[str | None, ...]
 default_kernel_init = nn.initializers.lecun_normal()
 
 
+def _mesh_axes(entry) -> tuple[str, ...]:
+    if entry is None or entry is PartitionSpec.UNCONSTRAINED:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def fsdp_gathered(value, axes: Axes):
+    """``value`` (a parameter with logical ``axes``) constrained to its compute layout: every dimension whose mesh
+    axes overlap those of the logical "batch" axis (the FSDP axis under the rules) is gathered, the others are left
+    to the partitioner. A no-op unless logical rules and a mesh (``jax.set_mesh``) are active.
+
+    Why: this is what FSDP does anyway, but left implicit XLA's SPMD partitioner (jax 0.10.2, Shardy and GSPMD)
+    can miscompile a dot whose kernel keeps an fsdp-sharded output dimension while the activations are
+    batch-sharded over ("data", "fsdp"): it permutes the batch shards to ("fsdp", "data") order and never permutes
+    back (wrong values, no error). Repro: /work/briefs/xla_bug_repro.py; test: tests/test_mesh_consistency.py."""
+    rules = nn.get_logical_axis_rules()
+    mesh = jax.sharding.get_abstract_mesh()
+    if not rules or mesh.empty or mesh.manual_axes:  # nothing to constrain, or inside shard_map
+        return value
+    batch = set(_mesh_axes(nn.logical_to_mesh_axes(("batch",), rules)[0])) & set(mesh.axis_names)
+    if not batch:
+        return value
+    mesh_spec = nn.logical_to_mesh_axes(tuple(axes), rules)
+    gathered = [bool(set(_mesh_axes(entry)) & batch) for entry in mesh_spec]
+    if not any(gathered):
+        return value
+    spec = PartitionSpec(*(None if g else PartitionSpec.UNCONSTRAINED for g in gathered))
+    return jax.lax.with_sharding_constraint(value, spec)
+
+
 def param_with_axes(module: nn.Module, name: str, init: Callable, shape: Sequence[int], dtype: Dtype,
                     axes: Axes):
-    """``module.param`` with logical axis names attached (unboxed values are returned)."""
-    return module.param(name, nn.with_logical_partitioning(init, axes), tuple(shape), dtype)
+    """``module.param`` with logical axis names attached (unboxed values are returned), in its compute layout
+    (:func:`fsdp_gathered`)."""
+    return fsdp_gathered(module.param(name, nn.with_logical_partitioning(init, axes), tuple(shape), dtype), axes)
 
 
 class Dense(nn.Module):
