@@ -101,9 +101,7 @@ def single_device_replay(config):
 
 def run_and_compare(name, dirs, *extra, replay=True):
     """``train`` on 8 devices, then (``replay``) the single-device replay; checks sharded == single and the frozen
-    weights. The replay doubles the compile time, so the suite replays the two phases whose losses and state are
-    the richest (controlnet: frozen FLUX + BatchNorm; mllm: the routed branch); vae and flux share the same
-    machinery and are checked for frozen weights and the params-only chain."""
+    weights. Every phase of the suite is replayed; ``replay=False`` is for quick local runs."""
     config = phase_config(name, dirs, *extra)
     result = train(config, dirs["work"], progress_bar=False)
     assert result.step == STEPS and not result.preempted
@@ -139,9 +137,9 @@ def run_and_compare(name, dirs, *extra, replay=True):
 
 @pytest.fixture(scope="module")
 def runs(dirs):
-    out = {"vae": run_and_compare("vae", dirs, replay=False)}
+    out = {"vae": run_and_compare("vae", dirs)}
     ckpt = lambda n: os.path.join(dirs["work"], n, "checkpoints")  # noqa: E731
-    out["flux"] = run_and_compare("flux", dirs, f"vae.init_from={ckpt('vae')}", replay=False)
+    out["flux"] = run_and_compare("flux", dirs, f"vae.init_from={ckpt('vae')}")
     out["controlnet"] = run_and_compare("controlnet", dirs, f"flux.init_from={ckpt('flux')}",
                                         f"vae.init_from={ckpt('vae')}")
     out["mllm"] = run_and_compare("mllm", dirs)

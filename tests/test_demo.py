@@ -1,0 +1,124 @@
+"""Smoke run of the demo orchestration (``bifrost demo``): every phase a couple of steps, generation for 2 held-out
+prompts, the report written; a second run reuses every finished phase (no retraining), ``--force`` retrains a phase
+and its dependents, and a changed config is refused instead of silently mixing checkpoints.
+
+Numbers here mean nothing (2 steps); the demo's real scores are in its summary / benchmarks/RESULTS.md.
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bifrost_jax import demo
+
+SMOKE = ["--fast", "--no-progress", "--config.fast_fraction=0.0001",  # -> 2 steps per phase
+         "--config.data.train_size=32", "--config.generate.num_prompts=2", "--config.generate.batch=2",
+         "--config.generate.grid_prompts=2", "--config.generate.flux_steps=2", "--config.generate.mar_steps=2",
+         "--config.log_every=1"]
+for _phase in demo.PHASE_ORDER:  # 8 simulated devices: one row each
+    SMOKE.append(f"--config.phases.{_phase}.batch_size=8")
+
+
+def _checkpoint_steps(workdir):
+    out = {}
+    for name in demo.PHASE_ORDER:
+        root = os.path.join(workdir, name, "checkpoints")
+        out[name] = sorted((d, os.stat(os.path.join(root, d)).st_mtime_ns) for d in os.listdir(root) if d.isdigit())
+    return out
+
+
+def _metrics_lines(workdir, name):
+    with open(os.path.join(workdir, name, "metrics.jsonl")) as fh:
+        return fh.read().splitlines()
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("demo") / "run")
+    assert demo.main(["--workdir", workdir] + SMOKE) == 0
+    return workdir
+
+
+def test_first_run_trains_every_phase_and_reports(first_run):
+    w = first_run
+    with open(os.path.join(w, "demo", "report.json")) as fh:
+        report = json.load(fh)
+    assert [report["phases"][p]["status"] for p in demo.PHASE_ORDER] == ["trained"] * 4
+    for name in demo.PHASE_ORDER:
+        assert report["phases"][name]["steps"] == 2
+        assert demo.latest_step(w, name) == 2
+        assert np.isfinite(report["phases"][name]["last_metrics"]["loss"])
+    # two held-out prompts (the test split: each holds a colour-shape pair never seen in training)
+    from bifrost_jax.data.shapes import HELD_OUT_PAIRS, parse_caption
+    assert report["num_prompts"] == 2 and len(report["prompts"]) == 2
+    assert all(set(parse_caption(p).objects) & set(HELD_OUT_PAIRS) for p in report["prompts"])
+    h, wd = report["image_size"]
+    # every variant scored beside its chance level; the ground truth is what the checker reads back perfectly
+    for variant in ("bifrost", "flux_alone", "reconstruction", "ground_truth"):
+        s = report["scores"][variant]
+        assert 0.0 <= s["accuracy"]["color"] <= 1.0 and 0.0 <= s["chance"]["color"] < 1.0
+        images = np.load(os.path.join(w, "demo", f"images_{variant}.npy")) if variant != "ground_truth" else None
+        if images is not None:
+            assert images.shape == (2, h, wd, 3) and images.dtype == np.uint8
+    assert report["scores"]["ground_truth"]["accuracy"]["color"] == 1.0
+    # the grid: 2 prompt rows x 4 columns (GT, Bifrost, FLUX alone, reconstruction), upscaled cells
+    grid = np.asarray(Image.open(report["grid"]))
+    cell = h * max(1, 96 // h)
+    assert grid.shape == (2 * cell + 2, 4 * cell + 3 * 2, 3)
+    assert report["seconds_per_image"]["mllm"] > 0 and report["seconds_per_image"]["diffusion"] > 0
+    with open(os.path.join(w, "demo", "summary.txt")) as fh:
+        summary = fh.read()
+    assert "chance" in summary and report["grid"] in summary and "RANDOM init" in summary
+
+
+def test_second_run_reuses_finished_phases(first_run):
+    w = first_run
+    before = _checkpoint_steps(w)
+    lines = {n: _metrics_lines(w, n) for n in demo.PHASE_ORDER}
+    assert demo.main(["--workdir", w] + SMOKE) == 0
+    with open(os.path.join(w, "demo", "report.json")) as fh:
+        report = json.load(fh)
+    assert [report["phases"][p]["status"] for p in demo.PHASE_ORDER] == ["reused"] * 4
+    assert _checkpoint_steps(w) == before  # no checkpoint rewritten
+    assert {n: _metrics_lines(w, n) for n in demo.PHASE_ORDER} == lines  # no training step logged
+
+
+def test_force_closure():
+    assert demo.phases_to_force(["vae"]) == {"vae", "flux", "controlnet"}
+    assert demo.phases_to_force(["flux"]) == {"flux", "controlnet"}
+    assert demo.phases_to_force(["mllm"]) == {"mllm"}
+    assert demo.phases_to_force([]) == set()
+
+
+def test_force_retrains_only_the_forced_phases(first_run):
+    w = first_run
+    configs = demo.phase_configs(demo.load_demo_config(SMOKE[2:]), w, fast=True)
+    before = _checkpoint_steps(w)
+    out = demo.run_phases(configs, w, force=["mllm"], progress_bar=False)  # the cheapest phase to retrain
+    assert {n: out[n]["status"] for n in demo.PHASE_ORDER} == {"vae": "reused", "flux": "reused",
+                                                               "controlnet": "reused", "mllm": "trained"}
+    after = _checkpoint_steps(w)
+    assert {n: after[n] for n in ("vae", "flux", "controlnet")} == {n: before[n] for n in ("vae", "flux",
+                                                                                          "controlnet")}
+    assert after["mllm"] != before["mllm"]
+
+
+def test_changed_config_is_refused(first_run):
+    w = first_run
+    configs = demo.phase_configs(demo.load_demo_config(SMOKE[2:] + ["--config.phases.vae.lr=0.5"]), w, fast=True)
+    with pytest.raises(RuntimeError, match="--force vae"):
+        demo.run_phases(configs, w, progress_bar=False)
+
+
+def test_phase_configs_align_the_grids():
+    """The demo config's sizes chain: ViT grid -> upsampled = FLUX token grid, MLLM grid = ViT grid."""
+    from bifrost_jax.train.bifrost_phases import ControlNetPhase, MllmPhase
+
+    configs = demo.phase_configs(demo.load_demo_config([]), "/nonexistent-demo-workdir")
+    cn, mllm = ControlNetPhase(configs["controlnet"]), MllmPhase(configs["mllm"])
+    assert (2 * cn.clip_grid[0]) * (2 * cn.clip_grid[1]) == cn.num_img_tokens
+    assert tuple(mllm.mllm_config.image_grid) == cn.clip_grid
+    assert configs["controlnet"].flux.init_from.endswith(os.path.join("flux", "checkpoints"))
+    assert configs["flux"].vae.init_from.endswith(os.path.join("vae", "checkpoints"))
