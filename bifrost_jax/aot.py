@@ -432,6 +432,7 @@ AotBuilder = Callable[[ml_collections.ConfigDict, Mesh], Any]
 # name -> builder, or "module:function" imported on first use
 AOT_TARGETS: dict[str, AotBuilder | str] = {
     "flux-forward": "bifrost_jax.aot:flux_forward_target",
+    "generate": "bifrost_jax.aot_generate:generate_target",
 }
 
 

@@ -1,0 +1,285 @@
+"""Issue 6: which mesh, per-chip batch and remat policy fit and run fastest for the FULL-SIZE phases on TPU pods,
+and the smallest slice each phase fits on, from ``bifrost aot`` compiles (compile-only, on this CPU machine).
+
+Each candidate is one ``bifrost aot`` run (the real train step of ``configs/full/<phase>.py`` with config
+overrides for the mesh, global batch and remat policy) in a SEPARATE process of the libtpu venv, one after the
+other (a full-size compile takes minutes and GBs of RAM). Its JSON report is kept under ``--out``; a candidate whose
+JSON exists is not compiled again (re-running the script resumes the list and rebuilds the table). A crash, a
+timeout or an out-of-memory compile is recorded as such in the table.
+
+The candidates are not a grid: they are chosen from a memory estimate by parameter counts (``--estimate`` prints
+it): per-chip state = (frozen weights + trainable weights, Adam moments and gradients) / chips, plus activations.
+
+    # the memory estimate (main venv, abstract shapes only)
+    .venv/bin/python benchmarks/aot_table.py --estimate
+    # the compiles (libtpu venv), then the markdown table
+    PYTHONPATH=. /work/tpuvenv/bin/python benchmarks/aot_table.py --run --out /tmp/M_aot --markdown /tmp/M_aot/table.md
+    PYTHONPATH=. /work/tpuvenv/bin/python benchmarks/aot_table.py --run --only mllm-v5p64-fsdp --out /tmp/M_aot
+    PYTHONPATH=. /work/tpuvenv/bin/python benchmarks/aot_table.py --table --out /tmp/M_aot --markdown /tmp/t.md
+
+Ranking: "fastest" is the highest throughput at the compiler's estimated step time (examples/s = global batch /
+estimated step seconds, with scanned loops scaled by their trip counts: see ``bifrost_jax/aot.py``); MFU is shown
+beside it. The compiler's estimate is a cost model, not a measurement. The v6e cost model of this libtpu gives no
+step time: those rows show the compute floor (FLOPs / peak, i.e. the step time at 100% MFU) and the throughput
+bound it implies.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+TPU_PYTHON = os.environ.get("BIFROST_TPU_PYTHON", "/work/tpuvenv/bin/python")
+GIB = 1024 ** 3
+
+# chips and HBM per chip of the slices used below (v5p: 95 GiB, v6e: 32 GiB; as bifrost_jax/parallel/devices.py)
+HBM_GIB = {"v5p": 95, "v6e": 32}
+
+
+@dataclasses.dataclass
+class Candidate:
+    name: str
+    phase: str                 # configs/full/<phase>.py
+    topology: str              # libtpu topology name
+    mesh: dict                 # config.mesh overrides (data, fsdp, tensor)
+    batch: int                 # global batch (per-chip batch = batch / chips)
+    remat: dict                # {config section: remat policy}
+    accum: int = 1             # train.grad_accum_steps
+    why: str = ""
+
+    @property
+    def chips(self) -> int:
+        dims = self.topology.split(":")[1].split("x")
+        return math.prod(int(d) for d in dims)
+
+    def overrides(self) -> list[str]:
+        out = [f"--config.mesh.{k}={v}" for k, v in self.mesh.items()]
+        out += [f"--config.train.batch_size={self.batch}", f"--config.train.grad_accum_steps={self.accum}"]
+        out += [f"--config.{section}.remat_policy={policy}" for section, policy in self.remat.items()]
+        return out
+
+    def command(self, json_path: str) -> list[str]:
+        return [TPU_PYTHON, "-m", "bifrost_jax.cli", "aot", "--config", f"configs/full/{self.phase}.py",
+                "--topology", self.topology, "--json", json_path] + self.overrides()
+
+
+# Chosen by reasoning from the parameter counts (see --estimate and RESULTS.md), in the order they are compiled:
+# pod candidates first (default mesh, then pure FSDP), then the smallest slices.
+CANDIDATES = [
+    # ---- mllm (Qwen2.5-VL-7B generation branch): 6.5B trainable fp32 (+Adam) + 7.1B frozen fp32 + ViT bf16.
+    # Only the 256 image tokens run through the trained branch (the frozen text rows need no backward), so
+    # activations are small: the state dominates and remat can go.
+    Candidate("mllm-v5p64-default", "mllm", "v5p:4x4x4", dict(data=1, fsdp=-1, tensor=4), 128, {"mllm": "full"},
+              why="configs/full/mllm.py as shipped: 2 per chip"),
+    Candidate("mllm-v5p64-fsdp-noremat", "mllm", "v5p:4x4x4", dict(data=1, fsdp=-1, tensor=1), 128,
+              {"mllm": "none"}, why="pure FSDP (no tensor all-reduces for 7B), no recomputation: 3.8 GiB used"),
+    Candidate("mllm-v5p8", "mllm", "v5p:2x2x1", dict(data=1, fsdp=-1, tensor=1), 8, {"mllm": "full"},
+              why="smallest v5p slice (4 chips): ~33 GiB state+grads per chip by the estimate"),
+    Candidate("mllm-v6e64-fsdp-noremat", "mllm", "v6e:8x8", dict(data=1, fsdp=-1, tensor=1), 128,
+              {"mllm": "none"}, why="v6e pod, the v5p layout"),
+    Candidate("mllm-v6e8", "mllm", "v6e:2x4", dict(data=1, fsdp=-1, tensor=1), 8, {"mllm": "full"},
+              why="~17 GiB state+grads per chip of 32 GiB: smallest v6e slice by the estimate"),
+    Candidate("mllm-v5p64-fsdp-b512", "mllm", "v5p:4x4x4", dict(data=1, fsdp=-1, tensor=1), 512,
+              {"mllm": "none"}, why="8 per chip: amortise the per-layer weight all-gathers"),
+    # ---- controlnet (stage A): 17.5B frozen bf16 (FLUX, T5-XXL, ViT, CLIP, VAE) + 1.77B trainable ControlNet.
+    # The backward runs through the frozen FLUX (activation gradients): its remat decides the activations.
+    Candidate("controlnet-v5p64-default", "controlnet", "v5p:4x4x4", dict(data=1, fsdp=-1, tensor=4), 64,
+              {"controlnet": "full", "flux": "none"}, why="configs/full/controlnet.py as shipped: 1 per chip"),
+    Candidate("controlnet-v6e64-default", "controlnet", "v6e:8x8", dict(data=1, fsdp=-1, tensor=4), 64,
+              {"controlnet": "full", "flux": "none"}, why="v6e pod, as shipped"),
+    Candidate("controlnet-v6e64-fluxremat", "controlnet", "v6e:8x8", dict(data=1, fsdp=-1, tensor=4), 64,
+              {"controlnet": "full", "flux": "full"},
+              why="v6e pod with the frozen FLUX rematerialised (as shipped: 28 GiB/chip on v5p, near 32 GiB)"),
+    Candidate("controlnet-v5p64-fsdp", "controlnet", "v5p:4x4x4", dict(data=1, fsdp=-1, tensor=1), 64,
+              {"controlnet": "full", "flux": "none"}, why="pure FSDP"),
+    Candidate("controlnet-v5p8", "controlnet", "v5p:2x2x1", dict(data=1, fsdp=-1, tensor=1), 4,
+              {"controlnet": "full", "flux": "full"}, why="smallest v5p slice (4 chips): ~13 GiB state per chip"),
+    Candidate("controlnet-v6e4", "controlnet", "v6e:2x2", dict(data=1, fsdp=-1, tensor=1), 4,
+              {"controlnet": "full", "flux": "full"}, why="~13 GiB state per chip of 32 GiB"),
+]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# memory estimate from parameter counts (abstract shapes only)
+# ------------------------------------------------------------------------------------------------------------
+def estimate(phases=("mllm", "controlnet")) -> str:
+    """Per-component parameter counts (trainable / frozen, dtype) and the state bytes that must be sharded."""
+    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    sys.path.insert(0, ROOT)
+    import flax.linen as nn
+    import jax
+    import numpy as np
+    from flax import traverse_util
+
+    import bifrost_jax.train.phase_configs  # noqa: F401  (registers the phases)
+    from bifrost_jax.configs import load_config_file
+    from bifrost_jax.train.phases import get_phase
+
+    lines = ["| phase | component | trainable | dtype | params (B) | bytes per param | GiB |",
+             "|---|---|---|---|---|---|---|"]
+    summary = []
+    for name in phases:
+        config = load_config_file(os.path.join(ROOT, f"configs/full/{name}.py"))
+        phase = get_phase(config)
+        shapes = jax.eval_shape(lambda: nn.meta.unbox(phase.init_variables(jax.random.PRNGKey(0))))
+        groups: dict = {}
+        for k, v in traverse_util.flatten_dict(shapes["params"]).items():
+            trainable = phase.is_trainable(tuple(str(p) for p in k))
+            key = (str(k[0]), trainable, str(v.dtype))
+            groups[key] = groups.get(key, 0) + int(np.prod(v.shape))
+        total = 0.0
+        for (comp, trainable, dtype), n in sorted(groups.items()):
+            width = np.dtype(dtype).itemsize
+            # trainable: weights + Adam mu/nu (same dtype as the weights in optax) + gradients
+            per = 4 * width if trainable else width
+            total += n * per
+            lines.append(f"| {name} | {comp} | {'yes' if trainable else 'no'} | {dtype} | {n / 1e9:.3f} | {per} | "
+                         f"{n * per / GIB:.1f} |")
+        summary.append((name, total))
+    lines.append("")
+    lines.append("| phase | state+grads GiB | per chip: 4 chips | 8 | 16 | 64 |")
+    lines.append("|---|---|---|---|---|---|")
+    for name, total in summary:
+        lines.append(f"| {name} | {total / GIB:.1f} | " + " | ".join(f"{total / GIB / n:.1f}" for n in (4, 8, 16, 64))
+                     + " |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# running the compiles
+# ------------------------------------------------------------------------------------------------------------
+def run_candidate(c: Candidate, out_dir: str, timeout: float) -> dict:
+    json_path = os.path.join(out_dir, f"{c.name}.json")
+    log_path = os.path.join(out_dir, f"{c.name}.log")
+    meta_path = os.path.join(out_dir, f"{c.name}.meta.json")
+    cmd = c.command(json_path)
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    start = time.time()
+    status = "ok"
+    with open(log_path, "w") as log:
+        log.write(" ".join(cmd) + "\n")
+        log.flush()
+        try:
+            rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            rc, status = None, f"timeout after {timeout:.0f} s"
+    if status == "ok" and not os.path.exists(json_path):
+        status = f"crashed (exit {rc}): see {log_path}"
+    meta = dict(candidate=dataclasses.asdict(c), command=" ".join(cmd[1:]), rc=rc, status=status,
+                wall_seconds=time.time() - start)
+    with open(meta_path, "w") as f:
+        json.dump(meta, f, indent=2)
+    return meta
+
+
+def load_result(c: Candidate, out_dir: str) -> tuple[dict | None, dict | None]:
+    rep, meta = None, None
+    p = os.path.join(out_dir, f"{c.name}.json")
+    if os.path.exists(p):
+        with open(p) as f:
+            rep = json.load(f)
+    p = os.path.join(out_dir, f"{c.name}.meta.json")
+    if os.path.exists(p):
+        with open(p) as f:
+            meta = json.load(f)
+    return rep, meta
+
+
+def table(candidates, out_dir: str) -> str:
+    rows = ["| phase | topology (chips) | mesh | global batch (per chip) | remat | per-chip memory GiB (of HBM) | "
+            "fits | est. step s | examples/s | MFU | compile s | candidate |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    best: dict = {}
+    for c in candidates:
+        rep, meta = load_result(c, out_dir)
+        mesh = ", ".join(f"{k}={v}" for k, v in c.mesh.items())
+        if rep is not None:
+            mesh = ", ".join(f"{k}={v}" for k, v in rep["mesh_shape"].items() if v > 1)
+        remat = ", ".join(f"{k}:{v}" for k, v in c.remat.items())
+        head = (f"| {c.phase} | {c.topology} ({c.chips}) | {mesh} | {c.batch} ({c.batch / c.chips:g})"
+                + (f" x{c.accum} accum" if c.accum > 1 else "") + f" | {remat} | ")
+        if rep is None:
+            status = meta["status"] if meta else "not compiled (yet)"
+            wall = f"{meta['wall_seconds']:.0f}" if meta else "-"
+            rows.append(head + f"- | {status} | - | - | - | {wall} | {c.name} |")
+            continue
+        hbm = rep.get("hbm_bytes")
+        mem = f"{rep['total_bytes'] / GIB:.1f}" + (f" ({hbm / GIB:.0f})" if hbm else "")
+        if rep.get("error"):
+            rows.append(head + f"{mem} | NO: {rep['error'][:120]} | - | - | - | {rep['compile_seconds']:.0f} | "
+                        f"{c.name} |")
+            continue
+        est = rep.get("estimated_seconds")
+        eps = c.batch / est if est else None
+        mfu = rep.get("mfu")
+        fits = {True: "yes", False: "NO", None: "?"}[rep.get("fits")]
+        if est and mfu is not None:
+            timing = f"{est:.3f} | {eps:.1f} | {100 * mfu:.1f}%"
+        else:
+            # no compiler estimate (the v6e cost model gives none): the compute floor, FLOPs / peak (100% MFU)
+            floor = (rep.get("flops") or 0) / rep["peak_flops"] if rep.get("peak_flops") else None
+            timing = ("n/a (floor " + f"{floor:.3f})" if floor else "n/a") + " | " + (
+                f"<= {c.batch / floor:.0f}" if floor else "-") + " | n/a"
+        rows.append(head + f"{mem} | {fits} | {timing} | {rep['compile_seconds']:.0f} | {c.name} |")
+        if rep.get("fits") and eps:
+            key = (c.phase, c.topology)
+            if key not in best or eps > best[key][0]:
+                best[key] = (eps, c.name)
+    out = "\n".join(rows)
+    if best:
+        out += "\n\nFastest that fits, per phase and topology (compiler estimate): " + "; ".join(
+            f"{p} on {t}: `{n}` ({e:.1f} examples/s)" for (p, t), (e, n) in sorted(best.items()))
+    return out
+
+
+def commands(candidates, out_dir: str) -> str:
+    return "\n".join("PYTHONPATH=. " + " ".join(c.command(os.path.join(out_dir, f"{c.name}.json"))) for c in candidates)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--estimate", action="store_true", help="print the memory estimate from parameter counts")
+    p.add_argument("--run", action="store_true", help="compile the candidates not compiled yet, in sequence")
+    p.add_argument("--table", action="store_true", help="print the table of the results in --out")
+    p.add_argument("--commands", action="store_true", help="print the exact bifrost aot commands")
+    p.add_argument("--only", default="", help="comma-separated candidate names (default: all)")
+    p.add_argument("--out", default="/tmp/bifrost_aot_table")
+    p.add_argument("--timeout", type=float, default=2400.0, help="seconds per compile before it counts as hung")
+    p.add_argument("--markdown", default="", help="write the table here")
+    args = p.parse_args(argv)
+    chosen = [c for c in CANDIDATES if not args.only or c.name in args.only.split(",")]
+    if args.only and len(chosen) != len(args.only.split(",")):
+        known = [c.name for c in CANDIDATES]
+        raise SystemExit(f"unknown candidate in --only={args.only}; known: {known}")
+    os.makedirs(args.out, exist_ok=True)
+    if args.estimate:
+        print(estimate())
+    if args.commands:
+        print(commands(chosen, args.out))
+    if args.run:
+        for c in chosen:
+            rep, _ = load_result(c, args.out)
+            if rep is not None:
+                print(f"{c.name}: already compiled", flush=True)
+                continue
+            print(f"{c.name}: compiling ({time.strftime('%H:%M:%S')}) ...", flush=True)
+            meta = run_candidate(c, args.out, args.timeout)
+            print(f"{c.name}: {meta['status']} in {meta['wall_seconds']:.0f} s", flush=True)
+    if args.run or args.table:
+        text = table(chosen, args.out)
+        print(text)
+        if args.markdown:
+            with open(args.markdown, "w") as f:
+                f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

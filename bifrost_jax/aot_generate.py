@@ -1,0 +1,152 @@
+"""``bifrost aot --phase generate``: compile ONE step of each sampling loop of the Bifrost-1 pipeline at full size.
+
+One program holding both steps (their weights are resident together when generating):
+
+* one MAR decode step of the MLLM (``BifrostMLLM.decode_images``): the N image slots of 2B rows ([uncond; cond]
+  when ``sample.mllm_cfg != 1``, else B) against a cached text prefix (per-layer K/V of ``max_prompt_length``
+  tokens), with the CFG combination, as the body of ``sample.mar._mar_decode``;
+* one FLUX + latent-ControlNet Euler step (``sample.pipeline.flux_velocity_fn``): ControlNet residuals from the
+  precomputed condition embedding, FLUX with them, ``x + (sigma_next - sigma) * v``.
+
+The config is a generation config (the schema of ``configs/generate_tiny.py``: ``mllm.model``,
+``transformer.model``, ``controlnet.model``, ``mllm.max_prompt_length``, ``t5.max_length``, ``sample.mllm_cfg``,
+``dtype``, ``param_dtype``) plus ``mesh`` (``config.mesh`` sizes) and ``generate_batch`` (images per step; default
+one per batch shard). ``configs/full/generate_aot.py`` is that config at full size (Qwen2.5-VL-7B + FLUX.1-dev,
+512 px). Weights are abstract (``jax.ShapeDtypeStruct`` with their shardings): nothing is allocated.
+
+Registered on import: ``bifrost_jax/aot.py`` lists ``"generate": "bifrost_jax.aot_generate:generate_target"``.
+"""
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from bifrost_jax.parallel.rules import axis_rules, logical_to_mesh_spec, tree_shardings
+
+
+def _model_dict(config, name: str) -> dict:
+    section = config.get(name, None)
+    if section is None or "model" not in section:
+        raise ValueError(f"--phase generate: the config has no {name}.model (use a generation config such as "
+                         "configs/full/generate_aot.py or configs/generate_tiny.py)")
+    m = section.model
+    return m.to_dict() if hasattr(m, "to_dict") else dict(m)
+
+
+def _abstract_variables(module, init_kwargs: dict, mesh: Mesh, init_args: tuple = ()):
+    """(abstract variables with shardings, their shardings) from an eval_shape of ``module.init``."""
+    with axis_rules(mesh):
+        boxed = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *init_args, **init_kwargs))
+    shardings = tree_shardings(nn.get_partition_spec(boxed), mesh)
+    values = nn.meta.unbox(boxed)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), values, shardings)
+    return abstract, shardings
+
+
+def _sds(mesh: Mesh, shape, dtype, logical):
+    sharding = NamedSharding(mesh, logical_to_mesh_spec(logical))
+    return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding), sharding
+
+
+def generate_target(config: ml_collections.ConfigDict, mesh: Mesh):
+    """(jitted step, abstract args) of one MAR decode step + one FLUX/ControlNet Euler step."""
+    from bifrost_jax.aot import AotTarget
+    from bifrost_jax.models.bifrost import BifrostConfig, BifrostMLLM
+    from bifrost_jax.models.flux.controlnet import FluxControlNetConfig, LatentControlNet
+    from bifrost_jax.models.flux.transformer import FluxConfig, FluxTransformer2DModel
+    from bifrost_jax.models.flux.vae import latent_image_ids
+    from bifrost_jax.sample.pipeline import flux_velocity_fn
+
+    dtype = jnp.dtype(config.get("dtype", "bfloat16"))
+    param_dtype = jnp.dtype(config.get("param_dtype", "bfloat16"))
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    scan = bool(config.get("scan_layers", True))
+    rows = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
+    b = int(config.get("generate_batch", 0) or rows)
+    if b % rows:
+        raise ValueError(f"generate_batch={b} does not shard over data*fsdp={rows} devices of this mesh")
+    sample = config.get("sample", ml_collections.ConfigDict())
+    guided = float(sample.get("mllm_cfg", 1.0)) != 1.0
+    cfg_weight = float(sample.get("mllm_cfg", 1.0))
+    guidance = float(sample.get("guidance", 3.5))
+    cond_scale = float(sample.get("conditioning_scale", 1.0))
+
+    # ---- MLLM: one decode step against the cached prefix --------------------------------------------------------
+    mcfg = BifrostConfig.from_dict(_model_dict(config, "mllm"))
+    mllm = BifrostMLLM(mcfg, scan_layers=scan, **kw)
+    n, cdim, t = mcfg.num_image_tokens, mcfg.clip_dim, int(config.mllm.get("max_prompt_length", 300))
+    mllm_vars, mllm_sh = _abstract_variables(
+        mllm, {}, mesh, (jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2), jnp.int32), jnp.zeros((1, n, cdim)),
+                         jnp.ones((1, n), bool)))
+    tc = mcfg.text
+    rows_mar = 2 * b if guided else b
+    kv_shape = (tc.num_hidden_layers, rows_mar, t, tc.num_key_value_heads, tc.head_dim)
+    kv_axes = (None, "batch", None, "act_heads", None)
+    k_arg, k_sh = _sds(mesh, kv_shape, dtype, kv_axes)
+    v_arg, v_sh = _sds(mesh, kv_shape, dtype, kv_axes)
+    am_arg, am_sh = _sds(mesh, (rows_mar, t), jnp.bool_, ("batch", None))
+    tok_arg, tok_sh = _sds(mesh, (b, n, cdim), jnp.float32, ("batch", None, None))
+    msk_arg, msk_sh = _sds(mesh, (b, n), jnp.bool_, ("batch", None))
+
+    # ---- FLUX + latent ControlNet: one Euler step ----------------------------------------------------------------
+    fcfg = FluxConfig.from_hf_config(_model_dict(config, "transformer"))
+    ccfg = FluxControlNetConfig.from_hf_config(_model_dict(config, "controlnet"))
+    flux = FluxTransformer2DModel(fcfg, scan_layers=scan, **kw)
+    cn = LatentControlNet(ccfg, **kw)
+    flux_vars, flux_sh = _abstract_variables(flux, flux.dummy_inputs(), mesh)
+    cn_vars, cn_sh = _abstract_variables(cn, cn.dummy_inputs(), mesh)
+    gh, gw = ccfg.clip_grid
+    img_len = 4 * gh * gw
+    txt_len = int(config.t5.get("max_length", 512)) if "t5" in config else 512
+    x_arg, x_sh = _sds(mesh, (b, img_len, fcfg.in_channels), jnp.float32, ("batch", None, None))
+    cond_arg, cond_sh = _sds(mesh, (b, img_len, ccfg.inner_dim), dtype, ("batch", None, None))
+    pe_arg, pe_sh = _sds(mesh, (b, txt_len, fcfg.joint_attention_dim), dtype, ("batch", None, None))
+    po_arg, po_sh = _sds(mesh, (b, fcfg.pooled_projection_dim), dtype, ("batch", None))
+    sig_arg, sig_sh = _sds(mesh, (2,), jnp.float32, (None,))
+    img_ids = latent_image_ids(2 * gh, 2 * gw)
+    n_axes = len(fcfg.axes_dims_rope)
+
+    def step(mllm_vars, k, v, attention_mask, tokens, masked, flux_vars, cn_vars, x, cond, prompt_embeds, pooled,
+             sigmas):
+        cache = {"k": k, "v": v, "attention_mask": attention_mask}
+        if guided:
+            pred = mllm.apply(mllm_vars, cache, jnp.concatenate([tokens, tokens]),
+                              jnp.concatenate([masked, masked]), method=mllm.decode_images).astype(jnp.float32)
+            uncond, cond_pred = jnp.split(pred, 2, axis=0)
+            pred = uncond + cfg_weight * (cond_pred - uncond)
+        else:
+            pred = mllm.apply(mllm_vars, cache, tokens, masked, method=mllm.decode_images).astype(jnp.float32)
+        new_tokens = jnp.where(masked[..., None], pred, tokens)
+        txt_ids = jnp.zeros((prompt_embeds.shape[1], n_axes), jnp.float32)
+        velocity = flux_velocity_fn(flux, cn, flux_vars, cn_vars, cond, prompt_embeds, pooled, img_ids, txt_ids,
+                                    guidance, cond_scale)
+        vel = velocity(x, sigmas[0]).astype(jnp.float32)
+        return new_tokens, x + (sigmas[1] - sigmas[0]) * vel
+
+    args = (mllm_vars, k_arg, v_arg, am_arg, tok_arg, msk_arg, flux_vars, cn_vars, x_arg, cond_arg, pe_arg, po_arg,
+            sig_arg)
+    in_sh = (mllm_sh, k_sh, v_sh, am_sh, tok_sh, msk_sh, flux_sh, cn_sh, x_sh, cond_sh, pe_sh, po_sh, sig_sh)
+
+    # compile_jitted traces under axis_rules(mesh) (the logical constraints of the models resolve there)
+    fn = jax.jit(step, in_shardings=in_sh, out_shardings=(tok_sh, x_sh))
+    count = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))  # noqa: E731
+    desc = (f"generate: one MAR decode step ({rows_mar} rows x {n} slots vs a {t}-token prefix, "
+            f"{count(mllm_vars['params']) / 1e9:.2f}B params) + one FLUX+ControlNet Euler step (batch {b}, "
+            f"{img_len} image + {txt_len} text tokens, {count(flux_vars) / 1e9:.2f}B + {count(cn_vars) / 1e9:.2f}B "
+            f"params), {param_dtype.name} weights")
+    return AotTarget(fn=fn, args=args, description=desc)
+
+
+def register() -> None:
+    from bifrost_jax.aot import AOT_TARGETS, register_aot_target
+
+    if "generate" not in AOT_TARGETS:
+        register_aot_target("generate", "bifrost_jax.aot_generate:generate_target")
+
+
+register()
