@@ -12,10 +12,10 @@ it): per-chip state = (frozen weights + trainable weights, Adam moments and grad
 
     # the memory estimate (main venv, abstract shapes only)
     .venv/bin/python benchmarks/aot_table.py --estimate
-    # the compiles (libtpu venv), then the markdown table
-    PYTHONPATH=. /work/tpuvenv/bin/python benchmarks/aot_table.py --run --out /tmp/M_aot --markdown /tmp/M_aot/table.md
-    PYTHONPATH=. /work/tpuvenv/bin/python benchmarks/aot_table.py --run --only mllm-v5p64-fsdp --out /tmp/M_aot
-    PYTHONPATH=. /work/tpuvenv/bin/python benchmarks/aot_table.py --table --out /tmp/M_aot --markdown /tmp/t.md
+    # the compiles (in a venv with the .[tpu] extra, i.e. libtpu), then the markdown table
+    PYTHONPATH=. python benchmarks/aot_table.py --run --out /tmp/M_aot --markdown /tmp/M_aot/table.md
+    PYTHONPATH=. python benchmarks/aot_table.py --run --only mllm-v5p64-fsdp --out /tmp/M_aot
+    PYTHONPATH=. python benchmarks/aot_table.py --table --out /tmp/M_aot --markdown /tmp/t.md
 
 Ranking: "fastest" is the highest throughput at the compiler's estimated step time (examples/s = global batch /
 estimated step seconds, with scanned loops scaled by their trip counts: see ``bifrost_jax/aot.py``); MFU is shown

@@ -3,7 +3,7 @@ data=2 x fsdp=2 x tensor=2 mesh and run under ``axis_rules(mesh)`` (so every ``n
 live), equals the unsharded run.
 
 Guards the XLA SPMD-partitioner miscompile worked around by ``nn.layers.fsdp_gathered`` (repro:
-/work/briefs/xla_bug_repro.py): without it the FLUX transformer with 3 or 4 heads was ~0.5 off.
+tests/repro_xla_spmd_3axis.py): without it the FLUX transformer with 3 or 4 heads was ~0.5 off.
 Widths are >= 48 on purpose: the miscompile only shows once the partitioner picks the bad strategy (D=32 hides it).
 """
 import jax

@@ -34,7 +34,7 @@ def fsdp_gathered(value, axes: Axes):
     Why: this is what FSDP does anyway, but left implicit XLA's SPMD partitioner (jax 0.10.2, Shardy and GSPMD)
     can miscompile a dot whose kernel keeps an fsdp-sharded output dimension while the activations are
     batch-sharded over ("data", "fsdp"): it permutes the batch shards to ("fsdp", "data") order and never permutes
-    back (wrong values, no error). Repro: /work/briefs/xla_bug_repro.py; test: tests/test_mesh_consistency.py."""
+    back (wrong values, no error). Repro: tests/repro_xla_spmd_3axis.py; test: tests/test_mesh_consistency.py."""
     rules = nn.get_logical_axis_rules()
     mesh = jax.sharding.get_abstract_mesh()
     if not rules or mesh.empty or mesh.manual_axes:  # nothing to constrain, or inside shard_map
