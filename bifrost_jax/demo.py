@@ -136,29 +136,6 @@ def _log(msg: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-class _CopyControlNetInit:
-    """WORKAROUND (reported to the lead): ``bifrost_phases._place_partial`` puts the FLUX weights copied into the
-    ControlNet on the SAME sharding, which on a single device returns the very same buffers; the train step then
-    donates ``params.controlnet`` while ``frozen.transformer`` still reads them ("Attempt to use a buffer that was
-    previously donated"). On one device (the demo) we hand it real copies."""
-
-    def __enter__(self):
-        import jax.numpy as jnp
-        from bifrost_jax.train import bifrost_phases as bp
-
-        self._module, self._orig = bp, bp._place_partial
-        orig = self._orig
-
-        def place_copies(values, abstract, shardings):
-            import jax
-            return orig(jax.tree.map(lambda a: jnp.array(a, copy=True), values), abstract, shardings)
-        bp._place_partial = place_copies
-        return self
-
-    def __exit__(self, *exc):
-        self._module._place_partial = self._orig
-
-
 def phases_to_force(force: Sequence[str]) -> set[str]:
     """``force`` and every phase that starts (transitively) from one of them."""
     forced = set()
@@ -202,8 +179,7 @@ def run_phases(configs: dict, workdir: str, *, force: Sequence[str] = (), progre
         _log(f"phase {name}: start ({steps} steps, batch {config.train.batch_size}, lr {config.optim.lr:g})"
              + (f", resuming from step {done}" if done is not None else ""))
         t0 = time.perf_counter()
-        with _CopyControlNetInit():
-            result = train(config, workdir, progress_bar=progress_bar)
+        result = train(config, workdir, progress_bar=progress_bar)
         seconds = time.perf_counter() - t0
         if result.preempted:
             raise SystemExit(f"phase {name} was interrupted at step {result.step}; rerun to resume")

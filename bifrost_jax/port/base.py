@@ -23,6 +23,8 @@ import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
+from bifrost_jax.parallel.rules import fit_sharding, tree_shardings
+
 Path = tuple[str, ...]
 
 _ST_DTYPES = {
@@ -287,7 +289,6 @@ def load_mapped(reader, key_map: KeyMap, expected_params, *, dtype=jnp.float32, 
         value = np.asarray(value, dtype=np_dtype)
         sharding = flat_shardings.get(path)
         if sharding is not None:
-            from bifrost_jax.parallel.rules import fit_sharding
             out[path] = jax.device_put(value, fit_sharding(sharding, value.shape))
         else:
             out[path] = jnp.asarray(value)
@@ -348,7 +349,6 @@ def mesh_shardings(logical_specs, mesh):
     """NamedShardings from logical specs under the project's rules (None without a mesh)."""
     if mesh is None:
         return None
-    from bifrost_jax.parallel.rules import tree_shardings
     return tree_shardings(logical_specs, mesh)
 
 

@@ -812,12 +812,8 @@ def copy_transformer_into_controlnet(cn_params, flux_params, cn_module, flux_mod
         else:
             for i in range(k):
                 out[f"{name}_{i}"] = blocks[i]
-    # The ControlNet trains: its copy is held in ITS param dtype (fp32 master weights), whatever dtype the frozen
-    # FLUX is stored in (bf16 at full size), so its optimizer moments are fp32 too.
-    copied = [k for k in out if k in ("time_text_embed", "context_embedder", "x_embedder")
-              or k.startswith(("transformer_blocks", "single_transformer_blocks"))]
-    for key in copied:
-        out[key] = jax.tree.map(lambda x: x.astype(cn_module.param_dtype), out[key])
+    # (dtypes are the callers': init_variables casts to the ControlNet's own leaves, _place_partial to its abstract
+    # state, so the trained copy keeps fp32 master weights when FLUX is stored in bf16)
     return out
 
 
