@@ -9,11 +9,13 @@ see ``launch/local_multiprocess.py``). The only cross-host communication is the 
     bifrost eval geneval --config CFG [--checkpoint WORKDIR] --prompts evaluation_metadata.jsonl --out DIR
         [--num-images 4] [--batch-size 4] [--limit N] [--seed S]
     bifrost eval reconstruction --config CFG [--checkpoint WORKDIR] --dataset shapes|folder --data-dir DIR
-        [--split validation] [--limit N] [--batch-size 4] [--use-captions] --out DIR
+        [--split validation] [--limit N] [--batch-size 4] [--use-captions] [--inception WEIGHTS] --out DIR
     bifrost eval shapes --config CFG [--checkpoint WORKDIR] --out DIR [--num-prompts 200] [--num-images 4]
 
-FID: Inception-v3 is not implemented in this version; ``eval reconstruction`` reports PSNR and SSIM and says that
-FID is skipped (``eval.reconstruction`` computes FID for any feature extractor passed as ``feature_fn``).
+FID: ``eval reconstruction --inception WEIGHTS`` also reports the FID between the reconstructions and the originals
+(at the output size), with pytorch-fid's Inception-v3: WEIGHTS is the user's pytorch-fid weights file
+(``pt_inception-2015-12-05-6726825d.pth``; reading a .pth needs torch, a .safetensors with the same keys does not).
+Nothing is downloaded; without --inception only PSNR and SSIM are reported.
 """
 from __future__ import annotations
 
@@ -100,7 +102,8 @@ def _parser(mode: str) -> argparse.ArgumentParser:
         p.add_argument("--limit", type=int, default=None, help="only the first N images")
         p.add_argument("--use-captions", action="store_true", help="FLUX text = the captions (default: empty)")
         p.add_argument("--inception", default=None,
-                       help="Inception-v3 weights for FID: NOT SUPPORTED in this version (FID is skipped)")
+                       help="pytorch-fid's Inception-v3 weights (pt_inception-2015-12-05-6726825d.pth or a "
+                            ".safetensors with its keys): also compute FID")
     else:
         p.add_argument("--num-prompts", type=int, default=200, help="held-out (test split) prompts to score")
         p.add_argument("--num-images", type=int, default=None, help="samples per prompt (default: config)")
@@ -147,9 +150,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     mode = argv[0]
     args, rest = _parser(mode).parse_known_args(argv[1:])
-    if mode == "reconstruction" and args.inception:
-        raise SystemExit("bifrost eval reconstruction: --inception: Inception-v3 (FID) is not implemented in this "
-                         "version; run without it (PSNR and SSIM only)")
+    if mode == "reconstruction" and args.inception and not os.path.exists(args.inception):
+        raise SystemExit(f"bifrost eval reconstruction: --inception {args.inception}: no such file (pytorch-fid's "
+                         "pt_inception-2015-12-05-6726825d.pth, or a .safetensors with the same keys)")
 
     from bifrost_jax.train.loop import maybe_initialize_distributed
     maybe_initialize_distributed()
@@ -184,7 +187,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     if mode == "reconstruction":
         from bifrost_jax.data.pipeline import make_eval_iterator
-        from bifrost_jax.eval.reconstruction import evaluate_reconstruction, folder_source, make_preprocess
+        from bifrost_jax.eval.reconstruction import (evaluate_reconstruction, folder_source, inception_feature_fn,
+                                                     make_preprocess)
+        # load the Inception weights before any reconstruction, so a bad file fails at once
+        feature_fn = inception_feature_fn(args.inception, mesh=pipe.mesh) if args.inception else None
         if args.dataset == "folder":
             source = folder_source(args.data_dir)
         else:
@@ -198,12 +204,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         def reconstruct(vit_images, prompts, indices):
             return pipe.reconstruct(vit_images, prompts, seed=seed, indices=indices)
 
-        result = evaluate_reconstruction(reconstruct, batches, use_captions=args.use_captions)
-        result.update(fid=None, fid_note="skipped: Inception-v3 is not implemented in this version",
-                      dataset=args.dataset, split=args.split, data_dir=args.data_dir, seed=seed,
-                      vision_size=list(pipe.vision_size), image_size=list(pipe.image_size))
+        result = evaluate_reconstruction(reconstruct, batches, feature_fn=feature_fn, use_captions=args.use_captions)
+        if feature_fn is None:
+            result.update(fid=None, fid_note="skipped: no --inception weights given")
+        result.update(inception=args.inception, dataset=args.dataset, split=args.split, data_dir=args.data_dir,
+                      seed=seed, vision_size=list(pipe.vision_size), image_size=list(pipe.image_size))
+        fid = (f"FID {result['fid']:.3f}" if result.get("fid") is not None
+               else f"FID {result.get('fid_note', 'not computed')}")
         print(f"reconstruction: {result['num_images']} images  PSNR {result['psnr']:.3f} dB  "
-              f"SSIM {result['ssim']:.4f}  (FID skipped: no Inception-v3 in this version)")
+              f"SSIM {result['ssim']:.4f}  {fid}")
         if pi == 0:
             _write_json(os.path.join(args.out, "reconstruction.json"), result)
         return 0

@@ -26,6 +26,7 @@ _KIND_MODULES = {
     "clip-text": "bifrost_jax.port.text",
     "qwen2.5-vl": "bifrost_jax.port.qwen",
     "bifrost-1": "bifrost_jax.port.bifrost",
+    "inception-fid": "bifrost_jax.port.inception",  # pytorch-fid's Inception-v3 weights (a file, not a directory)
 }
 
 KINDS = tuple(_KIND_MODULES)
