@@ -19,7 +19,11 @@ it): per-chip state = (frozen weights + trainable weights, Adam moments and grad
 
 Ranking: "fastest" is the highest throughput at the compiler's estimated step time (examples/s = global batch /
 estimated step seconds, with scanned loops scaled by their trip counts: see ``bifrost_jax/aot.py``); MFU is shown
-beside it. The compiler's estimate is a cost model, not a measurement. The v6e cost model of this libtpu gives no
+beside it, computed by this script from the ANALYTIC model FLOPs (``bifrost_jax/parallel/flops.py``, recomputed from
+each candidate's config, so rows compiled before the analytic count existed get it too): analytic FLOPs per chip /
+(estimated step s + the attention FLOPs of uncounted splash kernels at peak) / peak. "counted / analytic" compares
+the compiled program's matmul FLOPs (scans x length) with it: above 1 by remat recomputation, below 1 where splash
+attention kernels (no cost estimate) hide attention from the count. The compiler's estimate is a cost model, not a measurement. The v6e cost model of this libtpu gives no
 step time: those rows show the compute floor (FLOPs / peak, i.e. the step time at 100% MFU) and the throughput
 bound it implies.
 """
@@ -192,10 +196,42 @@ def load_result(c: Candidate, out_dir: str) -> tuple[dict | None, dict | None]:
     return rep, meta
 
 
+_ANALYTIC_CACHE: dict = {}
+
+
+def analytic_flops(c: Candidate):
+    """The analytic FLOPs (``FlopsBreakdown``, global per step) of a candidate's train step, from its config."""
+    if c.name not in _ANALYTIC_CACHE:
+        sys.path.insert(0, ROOT)
+        import bifrost_jax.train.phase_configs  # noqa: F401  (registers the phases)
+        from bifrost_jax.configs import load_config_file
+        from bifrost_jax.train.phases import get_phase
+
+        overrides = [o[len("--config."):] for o in c.overrides()]
+        config = load_config_file(os.path.join(ROOT, f"configs/full/{c.phase}.py"), overrides)
+        _ANALYTIC_CACHE[c.name] = get_phase(config).analytic_flops(c.batch)
+    return _ANALYTIC_CACHE[c.name]
+
+
+def analytic_mfu(c: Candidate, rep: dict) -> tuple[float | None, float | None, float]:
+    """(MFU from analytic FLOPs at the estimated step time, counted / analytic, analytic TFLOP per chip)."""
+    a = analytic_flops(c)
+    per_chip = a.total / c.chips
+    counted = rep.get("counted_flops")
+    ratio = counted / per_chip if counted else None
+    est, peak = rep.get("estimated_seconds"), rep.get("peak_flops")
+    kernels = rep.get("uncounted_kernels") or any("Pallas kernel" in n for n in rep.get("notes", []))
+    if not (est and peak):
+        return None, ratio, per_chip
+    step = est + (a.attention / c.chips / peak if kernels else 0.0)
+    return per_chip / step / peak, ratio, per_chip
+
+
 def table(candidates, out_dir: str) -> str:
     rows = ["| phase | topology (chips) | mesh | global batch (per chip) | remat | per-chip memory GiB (of HBM) | "
-            "fits | est. step s | examples/s | MFU | compile s | candidate |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "fits | est. step s | examples/s | MFU | analytic TFLOP/step/chip (counted / analytic) | compile s | "
+            "candidate |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     best: dict = {}
     for c in candidates:
         rep, meta = load_result(c, out_dir)
@@ -208,26 +244,27 @@ def table(candidates, out_dir: str) -> str:
         if rep is None:
             status = meta["status"] if meta else "not compiled (yet)"
             wall = f"{meta['wall_seconds']:.0f}" if meta else "-"
-            rows.append(head + f"- | {status} | - | - | - | {wall} | {c.name} |")
+            rows.append(head + f"- | {status} | - | - | - | - | {wall} | {c.name} |")
             continue
         hbm = rep.get("hbm_bytes")
         mem = f"{rep['total_bytes'] / GIB:.1f}" + (f" ({hbm / GIB:.0f})" if hbm else "")
         if rep.get("error"):
-            rows.append(head + f"{mem} | NO: {rep['error'][:120]} | - | - | - | {rep['compile_seconds']:.0f} | "
+            rows.append(head + f"{mem} | NO: {rep['error'][:120]} | - | - | - | - | {rep['compile_seconds']:.0f} | "
                         f"{c.name} |")
             continue
         est = rep.get("estimated_seconds")
         eps = c.batch / est if est else None
-        mfu = rep.get("mfu")
+        mfu, ratio, per_chip = analytic_mfu(c, rep)
         fits = {True: "yes", False: "NO", None: "?"}[rep.get("fits")]
         if est and mfu is not None:
             timing = f"{est:.3f} | {eps:.1f} | {100 * mfu:.1f}%"
         else:
-            # no compiler estimate (the v6e cost model gives none): the compute floor, FLOPs / peak (100% MFU)
-            floor = (rep.get("flops") or 0) / rep["peak_flops"] if rep.get("peak_flops") else None
+            # no compiler estimate (the v6e cost model gives none): the compute floor, analytic FLOPs / peak
+            floor = per_chip / rep["peak_flops"] if rep.get("peak_flops") else None
             timing = ("n/a (floor " + f"{floor:.3f})" if floor else "n/a") + " | " + (
                 f"<= {c.batch / floor:.0f}" if floor else "-") + " | n/a"
-        rows.append(head + f"{mem} | {fits} | {timing} | {rep['compile_seconds']:.0f} | {c.name} |")
+        flops_cell = f"{per_chip / 1e12:.1f}" + (f" ({ratio:.2f})" if ratio else "")
+        rows.append(head + f"{mem} | {fits} | {timing} | {flops_cell} | {rep['compile_seconds']:.0f} | {c.name} |")
         if rep.get("fits") and eps:
             key = (c.phase, c.topology)
             if key not in best or eps > best[key][0]:

@@ -12,7 +12,9 @@ frozen/trainable split, donated state, gradient accumulation):
   ABSTRACT state (``jax.ShapeDtypeStruct``s carrying their shardings: no weight is ever allocated) on the config's
   mesh over ``--devices`` simulated CPU devices, compiled, and ``compiled.memory_analysis()`` gives arguments,
   outputs, aliased (donated) bytes, temporaries and the per-device total (``bifrost_jax.aot.compile_target`` with
-  topology ``cpu:N``: the same report as ``bifrost aot``).
+  topology ``cpu:N``: the same report as ``bifrost aot``). Frozen weights are stored in the config's
+  ``train.frozen_param_dtype`` (column "frozen dtype"; ``--override train.frozen_param_dtype=`` gives the modules'
+  own param_dtype).
 
 The simulated device count must be set before jax is imported, so this script sets
 ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` itself (``--devices``, default 64 = one v5p-64 / v6e-64 pod,
@@ -143,7 +145,8 @@ def full_phase_memory(name: str, args) -> dict:
     config = load_config(f"configs/full/{name}.py", args.override)
     report = compile_target(None, config, f"cpu:{args.devices}")
     d = report.to_dict()
-    d.update(phase=name, batch=int(config.train.batch_size), accum=int(config.train.grad_accum_steps))
+    d.update(phase=name, batch=int(config.train.batch_size), accum=int(config.train.grad_accum_steps),
+             frozen_dtype=config.train.get("frozen_param_dtype", "") or "param_dtype")
     return d
 
 
@@ -164,16 +167,17 @@ def tiny_table(rows) -> str:
 
 
 def full_table(rows) -> str:
-    out = ["| phase | devices / mesh | global batch | arguments | outputs | aliased (-) | temporaries | "
+    out = ["| phase | devices / mesh | global batch | frozen dtype | arguments | outputs | aliased (-) | temporaries | "
            "total per device (GiB) | compile s |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mesh = ", ".join(f"{k}={v}" for k, v in r["mesh_shape"].items() if v > 1)
         if r.get("error"):
-            out.append(f"| {r['phase']} | {r['num_devices']}: {mesh} | {r['batch']} | FAILED: {r['error'][:200]} "
-                       "| | | | | |")
+            out.append(f"| {r['phase']} | {r['num_devices']}: {mesh} | {r['batch']} | {r['frozen_dtype']} | "
+                       f"FAILED: {r['error'][:200]} | | | | | |")
             continue
-        out.append(f"| {r['phase']} | {r['num_devices']}: {mesh} | {r['batch']} | {_gib(r['argument_bytes'])} | "
+        out.append(f"| {r['phase']} | {r['num_devices']}: {mesh} | {r['batch']} | {r['frozen_dtype']} | "
+                   f"{_gib(r['argument_bytes'])} | "
                    f"{_gib(r['output_bytes'])} | {_gib(r['alias_bytes'])} | {_gib(r['temp_bytes'])} | "
                    f"**{_gib(r['total_bytes'])}** | {r['compile_seconds']:.0f} |")
     return "\n".join(out)

@@ -18,13 +18,22 @@ What can be compiled by name is a registry: ``register_aot_target(name, builder)
 Topologies: TPU names as libtpu takes them ("v5p:2x2x1", "v5e:4x4", "v6e:8x8", "v4:4x4x4"; multislice with
 ``--num_slices``), which needs libtpu (``pip install -e '.[tpu]'``); "cpu" / "cpu:N" (this host's CPU devices:
 the same code path, used by the tests) and "local" (``jax.devices()``: on a GPU host, the real GPU compile).
-JAX 0.10 cannot compile for a GPU without one (``get_topology_desc`` is not implemented for CUDA), so GPU names
-are refused with that explanation.
+GPU names ("h100:8", "h100:4x8") go to the CUDA PJRT plugin through ``get_topology_desc(platform="cuda")``: JAX 0.10
+has no GPU topology of its own; without the plugin (this project's CPU venv) it raises NotImplementedError and the
+name is refused with JAX's message; with it, a ``GpuTargetConfigProto`` (``BIFROST_GPU_TARGET_CONFIG``) describes
+the GPU model without a device (see :func:`gpu_topology_devices`; untested here).
 
 Counting caveat: XLA's cost analysis (FLOPs and the TPU compiler's ``optimal_seconds``) counts the body of a while
 loop once, whatever its trip count, so scanned layers (``scan_layers=True``) and gradient-accumulation scans are
 undercounted. The report therefore also counts the matmul/convolution FLOPs of the traced program with every scan
 multiplied by its length, and scales the compiler's time by the ratio when that is larger.
+
+Analytic cross-check: targets carry the analytic model FLOPs of ``bifrost_jax/parallel/flops.py`` (training phases:
+``Phase.analytic_flops``; ``flux-forward``; ``generate``), printed beside the counted FLOPs with their ratio and a
+per-module table; MFU uses them (model FLOPs: no remat recomputation, no elementwise work). Pallas splash-attention
+kernels carry no cost estimate, so neither XLA's nor the counted FLOPs nor the compiler's time include attention
+when they are used: the report then marks the attention FLOPs as analytic-only and adds their time at peak to the
+step time MFU is computed from (a lower bound on the kernels' time, so that MFU is an upper bound).
 """
 from __future__ import annotations
 
@@ -33,6 +42,7 @@ import importlib
 import importlib.util
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -74,16 +84,11 @@ def topology_devices(topology: str, *, num_slices: int = 1) -> list:
                                  f"XLA_FLAGS=--xla_force_host_platform_device_count={n})")
         return list(cpus[:n])
     if _GPU_NAMES.match(name):
-        raise AotUnavailable(
-            f"topology {name}: JAX {jax.__version__} cannot compile for a GPU without one "
-            "(jax.experimental.topologies.get_topology_desc is not implemented for CUDA). On a GPU host use "
-            "--topology local to compile for its GPUs with the config's mesh.")
+        return gpu_topology_devices(name)
     devspec.parse_topology(name)  # a clear error for names that are not TPU topologies
     if importlib.util.find_spec("libtpu") is None:
         raise AotUnavailable(f"topology {name}: compiling for TPU needs libtpu, which is not installed here. "
                              f"Install it with: {TPU_INSTALL_HINT}")
-    import os
-
     from jax.experimental import topologies
 
     # A topology description uses no chip, so several compile-only processes (or one beside a TPU job) may load
@@ -94,6 +99,46 @@ def topology_devices(topology: str, *, num_slices: int = 1) -> list:
         desc = topologies.get_topology_desc(platform="tpu", topology_name=name, **kwargs)
     except Exception as e:  # libtpu rejects the name, or cannot start
         raise AotUnavailable(f"topology {name}: libtpu could not describe it: {e}") from e
+    return list(desc.devices)
+
+
+GPU_TARGET_CONFIG_ENV = "BIFROST_GPU_TARGET_CONFIG"
+
+
+def gpu_topology_devices(name: str) -> list:
+    """Compile-only devices of a GPU topology "KIND:N" or "KIND:HOSTSxN" (e.g. "h100:8", "h100:4x8"), if this JAX
+    install can describe one, else :class:`AotUnavailable` quoting what JAX said.
+
+    What JAX 0.10 can do (checked, not assumed): ``jax.experimental.topologies.get_topology_desc(platform="cuda",
+    topology_name="<slices>x<hosts>x<gpus>", **options)`` hands the options to the CUDA PJRT plugin
+    (``jax[cuda12]``; JAX itself has no GPU topology). Without the plugin (a CPU-only install like this project's
+    venv) it raises ``NotImplementedError: topology not implemented for cuda``. With it, XLA's GPU plugin builds the
+    topology from a ``target_config`` option (a ``GpuTargetConfigProto`` in text form, which describes the GPU
+    model) with no GPU present, or, without that option, from the local GPUs (so it needs one). Pass the text
+    proto's path in ``BIFROST_GPU_TARGET_CONFIG``. The plugin path is untested here (no CUDA plugin or GPU on the
+    development machine); on a GPU host ``--topology local`` compiles for the real GPUs."""
+    m = re.fullmatch(r"([A-Za-z0-9]+)(?:[-_]\w+)?:(?:(\d+)x)?(\d+)", name)
+    if not m:
+        raise AotUnavailable(f"topology {name}: GPU topologies are written KIND:GPUS or KIND:HOSTSxGPUS_PER_HOST "
+                             "(e.g. h100:8, h100:4x8)")
+    hosts, per_host = int(m.group(2) or 1), int(m.group(3))
+    from jax.experimental import topologies
+
+    options = {}
+    path = os.environ.get(GPU_TARGET_CONFIG_ENV, "")
+    if path:
+        with open(path) as f:
+            options["target_config"] = f.read()
+    try:
+        desc = topologies.get_topology_desc(platform="cuda", topology_name=f"1x{hosts}x{per_host}", **options)
+    except Exception as e:
+        raise AotUnavailable(
+            f"topology {name}: JAX {jax.__version__} cannot compile for a GPU without one here: "
+            f"jax.experimental.topologies.get_topology_desc(platform='cuda') raised {type(e).__name__}: {e}. "
+            "GPU topologies come from the CUDA PJRT plugin (pip install 'jax[cuda12]'), which describes a GPU "
+            f"model without the device only from a GpuTargetConfigProto ({GPU_TARGET_CONFIG_ENV}=path of its text "
+            "form, captured on a host with that GPU). On a GPU host use --topology local to compile for its GPUs "
+            "with the config's mesh.") from e
     return list(desc.devices)
 
 
@@ -131,8 +176,10 @@ def _conv_flops(eqn) -> float:
     out = eqn.outvars[0].aval.shape
     dn = eqn.params["dimension_numbers"]
     out_feature_dim = dn.rhs_spec[0]
-    # each output element: one multiply-add per (input feature of its group x kernel tap)
-    return 2.0 * math.prod(out) * math.prod(rhs) / rhs[out_feature_dim]
+    # each output element: one multiply-add per (input feature of its group x kernel tap); with lhs dilation (the
+    # input gradient of a strided conv) only 1 / dilation of the taps meet a real input element per spatial axis
+    dilation = math.prod(eqn.params.get("lhs_dilation") or (1,))
+    return 2.0 * math.prod(out) * math.prod(rhs) / rhs[out_feature_dim] / dilation
 
 
 def count_flops(jaxpr) -> CountedFlops:
@@ -209,6 +256,10 @@ class AotReport:
     bytes_accessed: Optional[float] = None
     xla_seconds: Optional[float] = None      # the compiler's estimate (TPU "optimal_seconds")
     peak_flops: Optional[float] = None       # dense bf16 FLOP/s per device
+    analytic_flops: Optional[float] = None   # analytic model FLOPs / devices (parallel/flops.py; no remat)
+    analytic_attention_flops: Optional[float] = None  # their attention part (scores + value products)
+    analytic_table: str = ""                 # the per-module breakdown, per device
+    uncounted_kernels: int = 0               # Pallas calls without a cost estimate (splash attention)
     has_loops: bool = False
     notes: list[str] = dataclasses.field(default_factory=list)
     error: Optional[str] = None              # compile failure, e.g. out of memory
@@ -245,15 +296,43 @@ class AotReport:
         return self.xla_seconds * scale
 
     @property
-    def mfu(self) -> Optional[float]:
+    def kernel_seconds_floor(self) -> float:
+        """Time the compiler's estimate leaves out when attention runs in Pallas kernels without a cost estimate:
+        their analytic FLOPs at the chip's peak (a lower bound on the kernels' time). All analytic attention is
+        taken, including attention that stays on XLA (e.g. T5's, with its position bias), which the compiler did
+        count: a small double count that makes MFU conservative by that share."""
+        if not (self.uncounted_kernels and self.analytic_attention_flops and self.peak_flops):
+            return 0.0
+        return self.analytic_attention_flops / self.peak_flops
+
+    @property
+    def step_seconds(self) -> Optional[float]:
+        """The estimated step time MFU uses: the compiler's (scaled for loops) + the uncounted kernels' floor."""
+        est = self.estimated_seconds
+        return None if est is None else est + self.kernel_seconds_floor
+
+    @property
+    def compiled_flops_utilisation(self) -> Optional[float]:
+        """FLOPs the compiled program executes (``flops``: incl. remat recomputation, elementwise work) over
+        estimated time x peak: a hardware-FLOPs utilisation."""
         if not (self.flops and self.estimated_seconds and self.peak_flops):
             return None
         return devspec.mfu(self.flops, self.estimated_seconds, self.peak_flops)
 
+    @property
+    def mfu(self) -> Optional[float]:
+        """Model FLOPs utilisation at the estimated step time: analytic model FLOPs when known (else ``flops``)
+        over ``step_seconds`` x peak."""
+        model = self.analytic_flops or self.flops
+        if not (model and self.step_seconds and self.peak_flops):
+            return None
+        return devspec.mfu(model, self.step_seconds, self.peak_flops)
+
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out.update(total_bytes=self.total_bytes, fits=self.fits, flops=self.flops,
-                   estimated_seconds=self.estimated_seconds, mfu=self.mfu)
+                   estimated_seconds=self.estimated_seconds, step_seconds=self.step_seconds, mfu=self.mfu,
+                   compiled_flops_utilisation=self.compiled_flops_utilisation)
         return out
 
 
@@ -291,19 +370,38 @@ def format_report(r: AotReport) -> str:
         lines.append(total)
         lines += ["", "compute per device and step:",
                   f"  FLOPs (XLA cost analysis)       {_sci(r.xla_flops)}",
-                  f"  FLOPs (counted, scans x length) {_sci(r.counted_flops)}",
-                  f"  bytes accessed (XLA)            {_sci(r.bytes_accessed)}"]
+                  f"  FLOPs (counted, scans x length) {_sci(r.counted_flops)}"]
+        if r.analytic_flops:
+            ratio = (f"   (counted / analytic = {r.counted_flops / r.analytic_flops:.3f})"
+                     if r.counted_flops else "")
+            lines.append(f"  FLOPs (analytic model count)    {_sci(r.analytic_flops)}{ratio}")
+            if r.uncounted_kernels and r.analytic_attention_flops:
+                lines.append(f"    of which attention (analytic) {_sci(r.analytic_attention_flops)}   <- the Pallas "
+                             "kernels report no cost: these FLOPs are ANALYTIC only")
+        else:
+            lines.append("  FLOPs (analytic model count)    unknown (no analytic count for this target)")
+        lines.append(f"  bytes accessed (XLA)            {_sci(r.bytes_accessed)}")
         if r.xla_seconds:
             lines.append(f"  compiler's step time estimate   {r.xla_seconds * 1e3:.3f} ms")
             if r.estimated_seconds != r.xla_seconds:
                 lines.append(f"  scaled for loop trip counts     {r.estimated_seconds * 1e3:.3f} ms")
+            if r.kernel_seconds_floor:
+                lines.append(f"  + kernels' attention at peak    {r.kernel_seconds_floor * 1e3:.3f} ms   (not in the "
+                             f"compiler's estimate) = {r.step_seconds * 1e3:.3f} ms")
         else:
             lines.append("  step time estimate              unknown (this backend gives none)")
         lines.append(f"  peak bf16                       "
                      + ("unknown" if r.peak_flops is None else f"{r.peak_flops / 1e12:.1f} TFLOP/s"))
-        lines.append("  MFU at the estimated time       " + ("unknown" if r.mfu is None else f"{100 * r.mfu:.1f}%"))
+        basis = "analytic model FLOPs" if r.analytic_flops else "compiled FLOPs"
+        lines.append(f"  MFU at the estimated time       " + ("unknown" if r.mfu is None else
+                                                             f"{100 * r.mfu:.1f}%   ({basis})"))
+        if r.analytic_flops and r.compiled_flops_utilisation is not None:
+            lines.append(f"  compiled-FLOPs utilisation      {100 * r.compiled_flops_utilisation:.1f}%   (incl. remat "
+                         "recomputation and elementwise work)")
     if r.notes:
         lines += ["", "notes:"] + [f"  - {n}" for n in r.notes]
+    if r.analytic_table:
+        lines += ["", r.analytic_table]
     verdict = {True: "FITS", False: "DOES NOT FIT", None: "fit unknown (no HBM size for this device)"}[r.fits]
     lines += ["", f"verdict: {verdict}"]
     return "\n".join(lines)
@@ -345,9 +443,12 @@ def compile_jitted(jitted, abstract_args: Sequence[Any], mesh: Mesh, *, target: 
         lowered = traced.lower()
     counted = count_flops(traced.jaxpr)
     report.counted_flops = counted.flops / len(devices) if counted.flops else None
+    report.uncounted_kernels = counted.uncounted_kernels
     if counted.uncounted_kernels:
         report.notes.append(f"{counted.uncounted_kernels} Pallas kernel call(s) (e.g. splash attention) have no "
-                            "cost estimate and are missing from the counted FLOPs")
+                            "cost estimate: they are missing from XLA's and the counted FLOPs and from the "
+                            "compiler's time estimate; the attention FLOPs shown are analytic (when the target "
+                            "has an analytic count) and MFU adds their time at peak")
     try:
         compiled = lowered.compile()
     except Exception as e:
@@ -385,6 +486,17 @@ def compile_jitted(jitted, abstract_args: Sequence[Any], mesh: Mesh, *, target: 
     return report
 
 
+def add_analytic(report: AotReport, breakdown) -> AotReport:
+    """Put a ``FlopsBreakdown`` (global FLOPs of one call) on ``report``, per device."""
+    if breakdown is None:
+        return report
+    n = report.num_devices
+    report.analytic_flops = breakdown.total / n
+    report.analytic_attention_flops = breakdown.attention / n
+    report.analytic_table = breakdown.table(devices=n)
+    return report
+
+
 def make_topology_mesh(topology: str, mesh_sizes: Mapping[str, int] | None = None, *, num_slices: int = 1) -> Mesh:
     """A mesh over the devices of ``topology`` (``config.mesh``-style sizes, DCN factors for multislice)."""
     from bifrost_jax.parallel.multislice import mesh_from_config
@@ -396,13 +508,13 @@ def compile_for_topology(fn: Callable, abstract_args: Sequence[Any], topology: s
                          shardings: Optional[Callable[[Mesh], tuple[Any, Any]]] = None,
                          mesh_sizes: Mapping[str, int] | None = None, num_slices: int = 1,
                          donate_argnums: Sequence[int] = (), name: Optional[str] = None,
-                         hbm_bytes: Optional[int] = None) -> AotReport:
+                         hbm_bytes: Optional[int] = None, analytic=None) -> AotReport:
     """Compile ``fn`` for ``topology`` and report on it (the generic core of ``bifrost aot``).
 
     ``abstract_args``: ``jax.ShapeDtypeStruct``s (shardings on them are ignored when ``shardings`` is given).
     ``shardings(mesh) -> (in_shardings, out_shardings)`` builds the shardings once the mesh over the topology's
     devices exists (None: everything replicated in, compiler's choice out). ``mesh_sizes`` as ``config.mesh``
-    (default: every device on "fsdp")."""
+    (default: every device on "fsdp"). ``analytic``: a ``parallel.flops.FlopsBreakdown`` of one call (global)."""
     mesh = make_topology_mesh(topology, mesh_sizes, num_slices=num_slices)
     if shardings is None:
         replicated = NamedSharding(mesh, PartitionSpec())
@@ -413,8 +525,9 @@ def compile_for_topology(fn: Callable, abstract_args: Sequence[Any], topology: s
                         tuple(in_shardings))
     kwargs = {} if out_shardings is None else {"out_shardings": out_shardings}
     jitted = jax.jit(fn, in_shardings=tuple(in_shardings), donate_argnums=tuple(donate_argnums), **kwargs)
-    return compile_jitted(jitted, args, mesh, target=name or getattr(fn, "__name__", "fn"), topology=topology,
-                          hbm_bytes=hbm_bytes)
+    report = compile_jitted(jitted, args, mesh, target=name or getattr(fn, "__name__", "fn"), topology=topology,
+                            hbm_bytes=hbm_bytes)
+    return add_analytic(report, analytic)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -425,6 +538,7 @@ class AotTarget:
     fn: Any                          # a jax.jit-wrapped function (shardings in the jit or on the args)
     args: tuple                      # abstract arguments (ShapeDtypeStructs with shardings)
     description: str = ""
+    analytic: Any = None             # bifrost_jax.parallel.flops.FlopsBreakdown of one call (global), or None
 
 
 AotBuilder = Callable[[ml_collections.ConfigDict, Mesh], Any]
@@ -474,7 +588,8 @@ def train_step_target(config: ml_collections.ConfigDict, mesh: Mesh) -> AotTarge
     step = jit_train_step(make_train_step(phase, tx, schedule, grad_accum_steps=accum, ema_decay=ema_decay),
                           builder, batch)
     args = (builder.abstract_state, builder.abstract_frozen, builder.abstract_batch(batch))
-    return AotTarget(fn=step, args=args, description=f"train step of phase {phase.name!r}, global batch {batch}")
+    return AotTarget(fn=step, args=args, description=f"train step of phase {phase.name!r}, global batch {batch}",
+                     analytic=phase.analytic_flops(batch))
 
 
 def flux_forward_target(config: ml_collections.ConfigDict, mesh: Mesh) -> AotTarget:
@@ -532,9 +647,14 @@ def flux_forward_target(config: ml_collections.ConfigDict, mesh: Mesh) -> AotTar
     fn = jax.jit(loss_and_grads, in_shardings=(param_shardings, batch_shardings),
                  out_shardings=(NamedSharding(mesh, PartitionSpec()), param_shardings))
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+    from bifrost_jax.parallel import flops as flops_lib
+
+    analytic = flops_lib.FlopsBreakdown(tuple(flops_lib.flux_transformer_parts(flux_cfg, b, img_len, txt_len,
+                                                                                mode="train")),
+                                        f"flux-forward, batch {b}")
     return AotTarget(fn=fn, args=(params, batch_args),
                      description=f"FLUX forward+backward, {n_params / 1e9:.2f}B params, batch {b}, "
-                                 f"{img_len} image + {txt_len} text tokens")
+                                 f"{img_len} image + {txt_len} text tokens", analytic=analytic)
 
 
 def resolve_target(name: Optional[str], config: ml_collections.ConfigDict) -> tuple[str, AotBuilder]:
@@ -564,6 +684,7 @@ def compile_target(name: Optional[str], config: ml_collections.ConfigDict, topol
     mesh = make_topology_mesh(topology, dict(config.mesh), num_slices=num_slices)
     target = _as_target(builder(config, mesh))  # builders enter axis_rules themselves where they need it
     report = compile_jitted(target.fn, target.args, mesh, target=display, topology=topology, hbm_bytes=hbm_bytes)
+    add_analytic(report, target.analytic)
     if num_slices > 1:
         report.topology = f"{num_slices} x {topology}"
     if target.description:
@@ -582,7 +703,9 @@ estimated step time and MFU. Exit status: 0 fits, 1 does not fit (or out of memo
 compile here (bad arguments, libtpu missing, GPU topology).
 
   --topology  TPU topology as libtpu names it (v5p:4x4x4, v5e:4x4, v6e:8x8, v4:4x4x4; needs libtpu:
-              pip install -e '.[tpu]'), cpu[:N] (this host's CPU devices), or local (jax.devices(), e.g. GPUs)
+              pip install -e '.[tpu]'), cpu[:N] (this host's CPU devices), local (jax.devices(), e.g. GPUs), or a
+              GPU topology h100:8 / h100:4x8 (needs the CUDA PJRT plugin and, without a GPU, a
+              GpuTargetConfigProto in $BIFROST_GPU_TARGET_CONFIG; refused with JAX's reason otherwise)
   --phase     an aot target or a training phase (default: config.phase)
   --num_slices  TPU multislice: N slices of --topology (the config's mesh sets dcn_* axes)
   --hbm_gib   check the fit against this many GiB per device instead of the chip table

@@ -139,7 +139,16 @@ def generate_target(config: ml_collections.ConfigDict, mesh: Mesh):
             f"{count(mllm_vars['params']) / 1e9:.2f}B params) + one FLUX+ControlNet Euler step (batch {b}, "
             f"{img_len} image + {txt_len} text tokens, {count(flux_vars) / 1e9:.2f}B + {count(cn_vars) / 1e9:.2f}B "
             f"params), {param_dtype.name} weights")
-    return AotTarget(fn=fn, args=args, description=desc)
+    from bifrost_jax.parallel import flops as F
+
+    # analytic: the branch rows of the MAR step (text K/V cached) + FLUX and the ControlNet without its condition
+    # embedding (precomputed once per image); all forward
+    analytic = F.FlopsBreakdown((
+        F.Part("mllm generation branch (decode step)", F.qwen_branch_rows(mcfg, rows_mar, t), "forward"),
+        *F.controlnet_parts(ccfg, b, img_len, txt_len, mode="forward", condition=False),
+        F.Part("flux transformer", F.flux_transformer(fcfg, b, img_len, txt_len), "forward")),
+        f"generate: one MAR step + one Euler step, batch {b}")
+    return AotTarget(fn=fn, args=args, description=desc, analytic=analytic)
 
 
 def register() -> None:

@@ -1,4 +1,4 @@
-"""The `bifrost` command line: train | generate | eval | port | aot | demo.
+"""The `bifrost` command line: train | generate | eval | port | cache-latents | aot | demo.
 
 Each subcommand imports its machinery lazily so that `bifrost --help` is instant.
 """
@@ -54,6 +54,8 @@ COMMANDS = {
     "generate": ("generate images from prompts", _delegate("bifrost_jax.sample.pipeline", "main")),
     "eval": ("sharded evaluation: geneval | reconstruction | shapes", _delegate("bifrost_jax.eval.run", "main")),
     "port": ("port a PyTorch checkpoint into an Orbax checkpoint", _cmd_port),
+    "cache-latents": ("precompute a phase's CLIP latents (frozen vision tower) for data.precomputed_clip_latents",
+                      _delegate("bifrost_jax.data.latent_cache", "main")),
     "aot": ("compile a phase ahead of time for a TPU topology", _delegate("bifrost_jax.aot", "main")),
     "demo": ("the embedded default, end to end on CPU", _delegate("bifrost_jax.demo", "main")),
 }
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {name: entry for name, entry in COMMANDS.items() if _available(entry[1])}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         lines = ["usage: bifrost <command> [args]", "", "commands:"]
-        lines += [f"  {name:<10} {help_}" for name, (help_, _) in commands.items()]
+        lines += [f"  {name:<14} {help_}" for name, (help_, _) in commands.items()]
         print("\n".join(lines))
         if argv and argv[0] not in ("-h", "--help"):
             print(f"\nbifrost: unknown command {argv[0]!r}", file=sys.stderr)

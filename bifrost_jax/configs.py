@@ -29,6 +29,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.grad_accum_steps = 1      # micro-batches per step (scan); batch_size must divide by it
     c.train.log_every = 10            # steps between metric fetches (stdout, TensorBoard, metrics.jsonl)
     c.train.tensorboard = True        # also write TensorBoard event files (tensorboardX)
+    c.train.peak_tflops_per_device = 0.0  # > 0: peak for the logged mfu (else env BIFROST_PEAK_TFLOPS / device table)
+    # dtype of the FROZEN parameters ("" = their module's param_dtype; "bfloat16" halves a frozen backbone while
+    # the trained parameters keep fp32 master weights). Applied at init, port/init_from loading and resume.
+    c.train.frozen_param_dtype = ""
 
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "adamw"            # adamw | sgd

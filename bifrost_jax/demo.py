@@ -81,6 +81,8 @@ def phase_configs(demo, workdir: str, *, fast: bool = False) -> dict[str, Any]:
         _set(c, "data.vae_resolution", int(demo.data.vae_resolution))
         _set(c, "data.train_size", int(demo.data.train_size))
         _set(c, "data.shapes_seed", int(demo.data.shapes_seed))
+        _set(c, "data.shapes_layout", str(demo.data.layout))
+        _set(c, "data.shapes_jitter", float(demo.data.jitter))
         if "text_dropout" in p:
             _set(c, "data.text_dropout", float(p.text_dropout))
         if name == "mllm":
@@ -292,7 +294,8 @@ def held_out_prompts(demo, num_prompts: int, *, out_resolution: int, vit_resolut
     from bifrost_jax.data.shapes import ShapesOptions, make_example, parse_caption
 
     options = ShapesOptions(resolution=int(demo.data.image_resolution), train_size=int(demo.data.train_size),
-                            validation_size=0, test_size=num_prompts, seed=int(demo.data.shapes_seed))
+                            validation_size=0, test_size=num_prompts, seed=int(demo.data.shapes_seed),
+                            layout=str(demo.data.layout), jitter=float(demo.data.jitter))
     captions, specs, gt, vit = [], [], [], []
     for i in range(num_prompts):
         ex = make_example(options, "test", i)
@@ -413,6 +416,7 @@ def evaluate_demo(demo, configs: dict, workdir: str, *, num_prompts: int | None 
         np.save(os.path.join(out_dir, f"images_{name}.npy"), ims)
     return {
         "num_prompts": n, "image_size": list(pipe.image_size), "seconds_load": t_load, "seconds_compile": t_compile,
+        "data_layout": f"{demo.data.layout} (jitter {float(demo.data.jitter):g})",
         "seconds_per_image": {"mllm": t_mllm / n, "diffusion": t_diff / n, "total": (t_mllm + t_diff) / n},
         "sampling": {"mar_steps": int(g.mar_steps) or None, "flux_steps": int(g.flux_steps),
                      "guidance": float(g.guidance), "conditioning_scale": float(g.conditioning_scale),
@@ -462,6 +466,8 @@ def format_summary(report: dict, phases: dict, workdir: str, *, total_seconds: f
                  "real images")
     lines.append("  (the checker's ceiling at this resolution). The ViT is frozen at RANDOM init (nothing "
                  "pretrained offline).")
+    if ev.get("data_layout"):
+        lines.append(f"  Shapes data layout: {ev['data_layout']} (configs/demo.py says why).")
     lines.append("outputs:")
     lines.append(f"  grid        {ev['grid']}  (rows: {os.path.join(w, 'demo', 'grid_prompts.txt')})")
     lines.append(f"  report      {os.path.join(w, 'demo', 'report.json')}")

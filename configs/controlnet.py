@@ -5,6 +5,11 @@ The demo starts FLUX and the VAE params-only from the ``flux`` and ``vae`` phase
 
     bifrost train --config configs/controlnet.py --workdir runs/demo \
         --config.flux.init_from=runs/demo/flux/checkpoints --config.vae.init_from=runs/demo/vae/checkpoints
+
+CLIP latents precomputed once instead of on the fly (centre crops only; the phase checks the cache's sidecar):
+
+    bifrost cache-latents --config configs/controlnet.py --out runs/demo/clip_latents.npy
+    ... --config.data.precomputed_clip_latents=runs/demo/clip_latents.npy
 """
 import ml_collections
 

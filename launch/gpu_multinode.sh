@@ -21,7 +21,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 : "${REMOTE_DIR:=$root}"
 
 run_cmd() {
-  if [[ "${DRY_RUN:-0}" == "1" ]]; then printf '+'; printf ' %q' "$@"; printf '\n'; else "$@"; fi
+  if [[ "${DRY_RUN:-0}" == "1" ]]; then local line; printf -v line ' %q' "$@"; printf '+%s\n' "$line"; else "$@"; fi
 }
 
 if [[ -n "${HOSTS:-}" ]]; then

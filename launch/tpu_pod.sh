@@ -31,7 +31,7 @@ RUN_ID_GIVEN=${RUN_ID:-}
 
 run_cmd() {  # print (DRY_RUN=1) or run a command given as words
   if [[ "${DRY_RUN:-0}" == "1" ]]; then
-    printf '+'; printf ' %q' "$@"; printf '\n'
+    local line; printf -v line ' %q' "$@"; printf '+%s\n' "$line"  # one write: parallel slices do not interleave
   else
     "$@"
   fi

@@ -140,7 +140,10 @@ def test_cli_toy_train_step_on_cpu_topology(capsys, tmp_path):
 def test_cli_refusals(capsys):
     cfg = os.path.join(ROOT, "configs/toy.py")
     assert aot.main(["--config", cfg, "--topology", "h100:8"]) == 2
-    assert "cannot compile for a GPU" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "cannot compile for a GPU" in err
+    if importlib.util.find_spec("jax_plugins") is None:  # no CUDA PJRT plugin: JAX's own words are quoted
+        assert "NotImplementedError: topology not implemented for cuda" in err and "--topology local" in err
     assert aot.main(["--config", cfg, "--topology", "cpu:8", "--phase", "nope"]) == 2
     assert "neither an aot target" in capsys.readouterr().err
     if not HAS_LIBTPU:
@@ -212,6 +215,56 @@ def test_tpu_toy_train_step_and_multislice(capsys):
     rc = aot.main(["--config", cfg, "--topology", "v5p:2x2x1", "--num_slices", "2",
                    "--config.mesh.data=1", "--config.mesh.fsdp=-1"])
     assert rc == 0
+
+
+def _tiny_generate_config(mesh: dict, mllm_cfg: float = 2.0):
+    """The model sections of configs/generate_tiny.py (that file imports the shapes vocabulary, i.e.
+    tensorflow_datasets, which the libtpu venv lacks), as ``bifrost aot --phase generate`` reads them."""
+    import ml_collections as mlc
+
+    flux = dict(patch_size=1, in_channels=16, num_attention_heads=2, attention_head_dim=16, joint_attention_dim=32,
+                pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+    text = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=128, mrope_section=(2, 1, 1))
+    return mlc.ConfigDict(dict(
+        dtype="bfloat16", param_dtype="float32", scan_layers=True, mesh=mesh,
+        mllm=dict(model=dict(text=text, num_image_tokens=24, image_grid=(4, 6)), max_prompt_length=40),
+        transformer=dict(model=dict(flux, num_layers=2, num_single_layers=2)),
+        controlnet=dict(model=dict(flux, num_layers=1, num_single_layers=1, clip_latent_dim=32, clip_grid=(4, 6))),
+        t5=dict(max_length=16), sample=dict(mllm_cfg=mllm_cfg, guidance=3.5, conditioning_scale=0.7)))
+
+
+def test_generate_target_tiny_traces_on_cpu_mesh():
+    """The ``generate`` target builds on a CPU mesh and its analytic FLOPs (all forward: the MAR branch rows with
+    CFG-doubled rows, ControlNet without the precomputed condition, FLUX) equal the traced matmul FLOPs. (Traced,
+    not compiled: the compile is the TPU test below; a CPU compile of it takes 20-100 s on this machine.)"""
+    from bifrost_jax.aot_generate import generate_target
+    from bifrost_jax.parallel.rules import axis_rules
+
+    config = _tiny_generate_config({"data": 1, "fsdp": 2, "tensor": 2})
+    mesh = aot.make_topology_mesh("cpu:4", dict(config.mesh))
+    target = generate_target(config, mesh)
+    with axis_rules(mesh):
+        counted = aot.count_flops(target.fn.trace(*target.args).jaxpr).flops
+    assert target.analytic is not None and counted == pytest.approx(target.analytic.total, rel=1e-6)
+    assert "MAR decode step (4 rows x 24 slots" in target.description  # CFG doubles the rows (batch 2)
+    assert aot.resolve_target("generate", config)[0] == "generate"
+
+
+@needs_libtpu
+def test_tpu_generate_target_tiny():
+    """``bifrost aot --phase generate`` (one MAR decode step with CFG + one FLUX/ControlNet Euler step) on a tiny
+    config compiles for v5p:2x2x1, fits, gets a compiler time estimate and MFU, and its analytic FLOPs equal the
+    counted ones."""
+    config = _tiny_generate_config({"data": 1, "fsdp": 2, "tensor": 2})
+    # conftest's global "highest" matmul precision is a CPU parity setting; TPU compiles use the default
+    with jax.default_matmul_precision("default"):
+        r = aot.compile_target("generate", config, "v5p:2x2x1")
+    print(aot.format_report(r))
+    assert r.error is None and r.num_devices == 4 and r.mesh_shape == {"data": 1, "fsdp": 2, "tensor": 2}
+    assert r.analytic_flops and r.counted_flops == pytest.approx(r.analytic_flops, rel=1e-6)
+    assert r.platform == "tpu" and r.fits is True and r.xla_seconds and r.mfu is not None
+    assert 0 < r.total_bytes < 2 ** 30 and "MAR decode step (4 rows x 24 slots" in r.notes[0]
 
 
 # ------------------------------------------------------------------------------------------------------------------

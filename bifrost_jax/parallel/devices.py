@@ -149,8 +149,8 @@ def per_device(devices: Sequence, topology: Optional[str] = None) -> DeviceSpec:
     if chip is None and topology:
         try:
             chip = chip_for_topology(topology)
-        except ValueError:
-            chip = None
+        except ValueError:  # a GPU topology name ("h100:8"): its prefix is a device kind
+            chip = chip_for_device_kind(topology.split(":")[0])
     return DeviceSpec(chip=chip, device_kind=kind, devices_per_chip=devices_per_chip(devices))
 
 

@@ -146,8 +146,39 @@ def _place(values, abstract, shardings, what: str):
     return traverse_util.unflatten_dict(out)
 
 
+def _check_keys(saved: dict, expected: dict, what: str) -> None:
+    """Raise naming every expected key absent from ``saved``, every unexpected one and every wrong shape."""
+    missing = sorted(set(expected) - set(saved))
+    extra = sorted(set(saved) - set(expected))
+    wrong = [f"{'.'.join(k)}: {saved[k]} vs expected {expected[k]}" for k in sorted(expected)
+             if k in saved and tuple(saved[k]) != tuple(expected[k])]
+    if missing or extra or wrong:
+        raise ValueError(f"{what} does not match the model configured here:"
+                         + (f"\n  missing: {['.'.join(k) for k in missing]}" if missing else "")
+                         + (f"\n  unexpected: {['.'.join(k) for k in extra]}" if extra else "")
+                         + (f"\n  wrong shape: {wrong}" if wrong else ""))
+
+
 def _is_orbax_port(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "port.json"))
+
+
+def _has_key_prefix(path: str, prefix: str) -> bool:
+    from bifrost_jax.port.base import SafetensorsReader
+    return any(k.startswith(prefix) for k in SafetensorsReader(path).keys())
+
+
+def _bifrost1_layout(path: str) -> str | None:
+    """"orbax" for a ``bifrost port --kind bifrost-1`` output, "official" for an official Bifrost-1 checkpoint
+    directory (it has the top-level ``learnable_pos_emb`` tensor), else None."""
+    if _is_orbax_port(path):
+        from bifrost_jax.port.orbax_io import read_port_info
+        return "orbax" if read_port_info(path).get("kind") == "bifrost-1" else None
+    from bifrost_jax.port.base import SafetensorsReader
+    try:
+        return "official" if "learnable_pos_emb" in SafetensorsReader(path) else None
+    except Exception:  # not a safetensors directory: the regular loader reports it
+        return None
 
 
 def _restore_orbax_port(port_dir: str, kinds: tuple[str, ...], prefix: tuple[str, ...], abstract, shardings,
@@ -160,6 +191,12 @@ def _restore_orbax_port(port_dir: str, kinds: tuple[str, ...], prefix: tuple[str
     info = read_port_info(port_dir)
     if info.get("kind") not in kinds:
         raise ValueError(f"{what}: {port_dir} is a {info.get('kind')!r} port; expected one of {kinds}")
+    # Accounting first: a partial restore would silently ignore extra weights and fail obscurely on missing ones.
+    meta = ocp.PyTreeCheckpointer().metadata(os.path.join(os.path.abspath(port_dir), "variables"))
+    meta = getattr(getattr(meta, "item_metadata", meta), "tree", meta)
+    saved = {k[len(prefix):]: tuple(m.shape) for k, m in _flat(meta).items() if k[:len(prefix)] == prefix}
+    _check_keys(saved, {k: tuple(a.shape) for k, a in _flat(abstract).items()},
+                f"{what}={port_dir} ({info.get('kind')} port, subtree {'.'.join(prefix)})")
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     for key in reversed(prefix):
         target = {key: target}
@@ -288,7 +325,10 @@ def _hf_load(comp: Component, abstract, shardings, mesh):
     if comp.name == "vision":
         from bifrost_jax.port.qwen import vision_key_map
         reader = SafetensorsReader(path)
-        prefix = "model.visual." if any(k.startswith("model.visual.") for k in reader.keys()) else "visual."
+        # a transformers Qwen2.5-VL (hub layout "visual.", in-memory "model.visual.") or an official Bifrost-1
+        # checkpoint that includes its ViT
+        prefix = next((p for p in ("vision_language_model.visual.", "model.visual.")
+                       if any(k.startswith(p) for k in reader.keys())), "visual.")
         key_map = vision_key_map(comp.module.config, comp.module.scan_layers, prefix)
         params = load_mapped(reader, key_map, abstract["params"], dtype=abstract_dtype(abstract),
                              shardings=shardings["params"], what=what,
@@ -307,6 +347,9 @@ def _hf_load(comp: Component, abstract, shardings, mesh):
     kw = dict(dtype=abstract_dtype(abstract), mesh=mesh)
     if "scan_layers" in s:
         kw["scan_layers"] = s.scan_layers
+    if kind == "latent-controlnet":
+        # the official config.json has no clip_grid (the port would assume the released 16x16): the phase's
+        kw["clip_grid"] = tuple(comp.module.config.clip_grid)
     _, variables = port.load(kind, path, **kw)
     return _place(variables, abstract, shardings, what)
 
@@ -329,8 +372,11 @@ def load_component(comp: Component, abstract_vars, shardings, collections=("para
     out = {}
     if comp.port_dir:
         if _is_orbax_port(comp.port_dir):
-            got = {c: _restore_orbax_port(comp.port_dir, comp.port_kinds + ("bifrost-1",),
-                                          _orbax_prefix(comp, c), abstract[c], shard[c],
+            from bifrost_jax.port.orbax_io import read_port_info
+            kind = read_port_info(comp.port_dir).get("kind")
+            # the ViT may also come from a bifrost-1 port (its frozen Qwen2.5-VL)
+            kinds = comp.port_kinds + (("bifrost-1",) if comp.name == "vision" else ())
+            got = {c: _restore_orbax_port(comp.port_dir, kinds, _orbax_prefix(comp, c, kind), abstract[c], shard[c],
                                           f"config.{s_name(comp)}.port_dir") for c in abstract}
         else:
             got = _hf_load(comp, abstract, shard, mesh)
@@ -342,10 +388,11 @@ def load_component(comp: Component, abstract_vars, shardings, collections=("para
     return out
 
 
-def _orbax_prefix(comp: Component, collection: str) -> tuple[str, ...]:
-    # `bifrost port` saves the port's variables: {"params": ...} (+ "batch_stats"); Qwen2.5-VL nests the ViT.
+def _orbax_prefix(comp: Component, collection: str, kind: str | None = None) -> tuple[str, ...]:
+    # `bifrost port` saves the port's variables: {"params": ...} (+ "batch_stats"); Qwen2.5-VL nests the ViT; a
+    # bifrost-1 port saves {"mllm": {"params"}, "vl": {"params"}} (the ViT under vl.params.visual).
     if comp.name == "vision":
-        return (collection, "visual")
+        return ("vl", collection, "visual") if kind == "bifrost-1" else (collection, "visual")
     return (collection,)
 
 
@@ -370,7 +417,8 @@ def image_source(data):
     if data.source == "shapes":
         from bifrost_jax.data.shapes import ShapesOptions, load_shapes
         options = ShapesOptions(resolution=data.image_resolution, train_size=data.train_size, validation_size=0,
-                                test_size=0, seed=data.shapes_seed)
+                                test_size=0, seed=data.shapes_seed, layout=data.shapes_layout,
+                                jitter=float(data.shapes_jitter))
         return load_shapes(data.data_dir, "train", options)
     if data.source == "captions":
         from bifrost_jax.data.captions import CaptionsOptions, captions_builder
@@ -445,12 +493,32 @@ def _train_iterator(config, source, preprocess, *, global_batch_size, seed, proc
                                num_threads=d.num_threads, prefetch_buffer_size=d.prefetch_buffer_size)
 
 
-def _load_clip_cache(path: str, num_tokens: int, dim: int, source_len: int):
+def _load_clip_cache(path: str, num_tokens: int, dim: int, source_len: int, expected: dict | None = None):
+    """The memory-mapped cache, its shape checked, and its sidecar (``data/latent_cache.py``) against
+    ``expected`` (``latent_cache.cache_fields`` of this run): errors name the file and the field."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config.data.precomputed_clip_latents={path}: no such file (build it with "
+                                "`bifrost cache-latents`)")
     cache = np.load(path, mmap_mode="r")
     if cache.shape != (source_len, num_tokens, dim):
         raise ValueError(f"config.data.precomputed_clip_latents={path}: shape {cache.shape}, expected "
                          f"({source_len}, {num_tokens}, {dim}) (one row per source element, in source order)")
+    if expected is not None:
+        from bifrost_jax.data.latent_cache import check_cache
+        check_cache(path, cache.shape, expected)
     return cache
+
+
+def _check_cache_crop(config) -> None:
+    if config.data.precomputed_clip_latents and config.data.random_crop:
+        raise ValueError("config.data.precomputed_clip_latents with data.random_crop=True: random crops cannot use "
+                         "a CLIP-latent cache (it holds one latent per image, of its centre crop); set "
+                         "data.random_crop=False or drop the cache")
+
+
+def _clip_cache_fields(config, vision: Component, source_len: int) -> dict:
+    from bifrost_jax.data.latent_cache import cache_fields
+    return cache_fields(config, vision, source_len)
 
 
 def pixels_to_unit(pixels):
@@ -609,12 +677,7 @@ class _FluxFamily(Phase):
         return _train_iterator(self.config, source, preprocess, global_batch_size=global_batch_size, seed=seed,
                                process_index=process_index, process_count=process_count)
 
-    # FLOPs ------------------------------------------------------------------------------------------------------
-    def _param_counts(self) -> dict[str, int]:
-        shapes = jax.eval_shape(lambda: nn.meta.unbox(self._init_components(jax.random.PRNGKey(0))))
-        return {name: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
-                for name, tree in shapes["params"].items()}
-
+    # FLOPs (analytic counts: Phase.analytic_flops -> bifrost_jax.parallel.flops.phase_flops) ----------------------
     def tokens_per_example(self):
         return self.num_img_tokens
 
@@ -637,13 +700,6 @@ class FluxPhase(_FluxFamily):
         loss = jnp.mean(jnp.square(pred.astype(jnp.float32) - f["target"]))
         return loss, ({"mse": loss, "sigma_mean": jnp.mean(f["sigmas"])}, dict(mutable))
 
-    def flops_per_example(self):
-        n = self._param_counts()
-        lt, lc = self.text_lengths()
-        seq = self.num_img_tokens + lt
-        # 6 N T for the trained transformer, 2 N T forward for the text encoders (attention and VAE not counted)
-        return float(6 * n["transformer"] * seq + 2 * (n["t5"] * lt + n["clip"] * lc))
-
 
 class ControlNetPhase(_FluxFamily):
     """Stage A (spec 9): only the latent ControlNet trains; FLUX, VAE, T5/CLIP and the vision tower are frozen.
@@ -659,6 +715,7 @@ class ControlNetPhase(_FluxFamily):
         super().__init__(config)
         c = config
         self.use_cache = bool(c.data.precomputed_clip_latents)
+        _check_cache_crop(c)
         self.vision = vision_component(c.vision)
         vcfg = self.vision.module.config
         self.grid_thw = vision_grid(c.vision)
@@ -755,20 +812,12 @@ class ControlNetPhase(_FluxFamily):
     def extra_views(self, source):
         if self.use_cache:
             cfg = self.controlnet.module.config
-            if self.config.data.random_crop:
-                raise ValueError("config.data.precomputed_clip_latents needs data.random_crop=False (the cache "
-                                 "holds the latents of the centre crop)")
+            _check_cache_crop(self.config)
             return {"clip_cache": _load_clip_cache(self.config.data.precomputed_clip_latents,
                                                    self.clip_grid[0] * self.clip_grid[1], cfg.clip_latent_dim,
-                                                   len(source))}
+                                                   len(source),
+                                                   _clip_cache_fields(self.config, self.vision, len(source)))}
         return {"vit_resolution": int(self.config.vision.resolution)}
-
-    def flops_per_example(self):
-        n = self._param_counts()
-        lt, lc = self.text_lengths()
-        seq = self.num_img_tokens + lt
-        # ControlNet: 6 N T; frozen FLUX: forward + activation gradients (4 N T); encoders forward (2 N T)
-        return float(6 * n["controlnet"] * seq + 4 * n["transformer"] * seq + 2 * (n["t5"] * lt + n["clip"] * lc))
 
 
 def _place_partial(values, abstract, shardings):
@@ -892,7 +941,14 @@ class MllmPhase(Phase):
     tokenizer_dir, max_prompt_length, dtypes, scan_layers, remat_policy, port_dir: a transformers Qwen2.5-VL
     directory (text weights) or a ``bifrost port`` Orbax dir, init_from), ``vision`` (as the controlnet phase;
     its port_dir defaults to mllm.port_dir), ``model.per_example_ratio``, ``data`` (text_dropout: probability of the
-    "" caption, precomputed_clip_latents). The branch is a copy of the original weights AFTER they are loaded."""
+    "" caption, precomputed_clip_latents). The branch is a copy of the original weights AFTER they are loaded.
+
+    Starting from the OFFICIAL Bifrost-1 checkpoint: ``mllm.port_dir`` = its directory (recognised by its
+    ``learnable_pos_emb`` tensor) and ``mllm.base_dir`` = the Qwen2.5-VL directory it was built on (the
+    ``bifrost-1`` port's ``base``), or ``mllm.port_dir`` = a ``bifrost port --kind bifrost-1`` Orbax output. Then
+    EVERY mllm weight comes from it (branch, head, mask token, position embedding included: nothing is new), and
+    the vision tower too unless ``vision.port_dir``/``init_from`` say otherwise (from the checkpoint's
+    ``vision_language_model.visual.*`` if present, else from ``base_dir``)."""
 
     name = "mllm"
 
@@ -900,6 +956,7 @@ class MllmPhase(Phase):
         super().__init__(config)
         c = config
         self.use_cache = bool(c.data.precomputed_clip_latents)
+        _check_cache_crop(c)
         s = c.mllm
         d = _cfg_dict(s.config)
         d["text"] = QwenTextConfig(**dict(d["text"]))
@@ -910,12 +967,20 @@ class MllmPhase(Phase):
                      jnp.ones((1, n), bool))
         # The frozen language model dominates; it starts from the fixed key like every frozen component.
         self.mllm = Component("mllm", module, init_args, {}, s, ("qwen2.5-vl",), trainable=False)
+        self.base_dir = s.get("base_dir", "") or ""
+        self.official = _bifrost1_layout(s.port_dir) if s.port_dir else None
+        if self.official == "official" and not self.base_dir:
+            raise ValueError(f"config.mllm.port_dir={s.port_dir} is an official Bifrost-1 checkpoint: set "
+                             "config.mllm.base_dir to the Qwen2.5-VL directory it was built on (its config.json "
+                             "describes the backbone; it also holds what the checkpoint omits)")
         vision_section = c.vision
         if not (c.vision.port_dir or c.vision.init_from) and s.port_dir:
-            # the ViT of the same Qwen2.5-VL directory (or port) as the language model
+            # the ViT of the same Qwen2.5-VL directory (or port, or Bifrost-1 checkpoint) as the language model
             import ml_collections
             vision_section = ml_collections.ConfigDict(c.vision.to_dict())
             vision_section.port_dir = s.port_dir
+            if self.official == "official" and not _has_key_prefix(s.port_dir, "vision_language_model.visual."):
+                vision_section.port_dir = self.base_dir  # the official loader's rule: a missing ViT is the base's
         self.vision = vision_component(vision_section)
         self.grid_thw = vision_grid(c.vision)
         m = self.vision.module.config.spatial_merge_size
@@ -932,7 +997,9 @@ class MllmPhase(Phase):
 
     @property
     def new_subtrees(self):
-        out = [("params", "mllm", k) for k in ("vision_head", "mask_token", "learnable_pos_emb")]
+        # a Bifrost-1 checkpoint holds the head, mask token and position embedding too
+        out = [] if self.official else [("params", "mllm", k) for k in ("vision_head", "mask_token",
+                                                                         "learnable_pos_emb")]
         if not self.mllm.has_source:
             out.append(("params", "mllm"))
         if not self.use_cache and not self.vision.has_source:
@@ -953,7 +1020,9 @@ class MllmPhase(Phase):
         s = self.config.mllm
         a_mllm = abstract_variables["params"]["mllm"]
         sh_mllm = shardings["params"]["mllm"]
-        if s.port_dir:
+        if s.port_dir and self.official:
+            out = _merge(out, {"params": {"mllm": self._load_official(s.port_dir, a_mllm, sh_mllm)}})
+        elif s.port_dir:
             out = _merge(out, {"params": {"mllm": self._load_text(s.port_dir, a_mllm, sh_mllm)}})
         if s.init_from:
             # another mllm run's checkpoint: its TRAINED weights (branch, head, mask token, position embedding)
@@ -964,6 +1033,19 @@ class MllmPhase(Phase):
         if not self.use_cache and self.vision.has_source:
             out = _merge(out, load_component(self.vision, abstract_variables, shardings))
         return out or None
+
+    def _load_official(self, path, abstract, shardings):
+        """Every BifrostMLLM weight (frozen text model, generation branch, head, mask token, position embedding)
+        from an official Bifrost-1 checkpoint (+ ``mllm.base_dir``) or a ``bifrost-1`` Orbax port."""
+        what = f"config.mllm.port_dir={path}"
+        if self.official == "orbax":
+            return _restore_orbax_port(path, ("bifrost-1",), ("mllm", "params"), abstract, shardings, what)
+        from bifrost_jax import port
+        mesh = jax.tree.leaves(shardings)[0].mesh
+        _, variables = port.load("bifrost-1", path, base=self.base_dir, dtype=abstract_dtype({"params": abstract}),
+                                 mesh=mesh, scan_layers=bool(self.config.mllm.scan_layers),
+                                 image_grid=tuple(self.mllm_config.image_grid))
+        return _place(variables["mllm"]["params"], abstract, shardings, f"{what} (base {self.base_dir})")
 
     def _load_text(self, path, abstract, shardings):
         """The frozen language model (original weights) from a Qwen2.5-VL directory or port, then the branch
@@ -1048,10 +1130,10 @@ class MllmPhase(Phase):
 
         extra = {}
         if self.use_cache:
-            if d.random_crop:
-                raise ValueError("config.data.precomputed_clip_latents needs data.random_crop=False")
+            _check_cache_crop(c)
             extra["clip_cache"] = _load_clip_cache(d.precomputed_clip_latents, self.mllm_config.num_image_tokens,
-                                                   self.mllm_config.clip_dim, len(source))
+                                                   self.mllm_config.clip_dim, len(source),
+                                                   _clip_cache_fields(c, self.vision, len(source)))
             source = IndexedSource(source)
         else:
             extra["vit_resolution"] = int(c.vision.resolution)
@@ -1062,16 +1144,6 @@ class MllmPhase(Phase):
 
     def tokens_per_example(self):
         return int(self.config.mllm.max_prompt_length) + self.mllm_config.num_image_tokens
-
-    def flops_per_example(self):
-        shapes = jax.eval_shape(lambda: nn.meta.unbox(self.mllm.init(jax.random.PRNGKey(0))))["params"]
-        flat = _flat(shapes)
-        n_branch = sum(int(np.prod(v.shape)) for k, v in flat.items() if mllm_is_trainable(k))
-        n_orig = sum(int(np.prod(v.shape)) for k, v in flat.items() if not mllm_is_trainable(k)
-                     and k[0] != "embed_tokens")
-        t, n = int(self.config.mllm.max_prompt_length), self.mllm_config.num_image_tokens
-        # branch: 6 N per image token; frozen text rows: forward only (their K/V do not depend on the branch)
-        return float(6 * n_branch * n + 2 * n_orig * t)
 
 
 # ----------------------------------------------------------------------------------------------------------------

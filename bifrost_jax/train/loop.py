@@ -12,7 +12,11 @@ code 0 (``PREEMPTED_EXIT_CODE``). Rerunning the same command resumes.
 
 Multi-host: ``main`` calls ``jax.distributed.initialize`` when BIFROST_COORDINATOR (explicit coordinator, e.g.
 ``launch/local_multiprocess.py``) or BIFROST_DISTRIBUTED=1 (auto-detected TPU pod / SLURM environment) is set.
-Every host reads its own shard of the data and feeds its rows of the global batch.
+Every host reads its own shard of the data and feeds its rows of the global batch. At the end every process prints
+``process i/n: step S loss L`` (its copy of the replicated loss), so a launcher or test can check the hosts agree.
+
+Frozen weights are stored in ``config.train.frozen_param_dtype`` ("" = the modules' param_dtype; see
+``train/state.py``); checkpoints never hold them, so a resumed run rebuilds them in that dtype.
 """
 from __future__ import annotations
 
@@ -35,10 +39,10 @@ from bifrost_jax.parallel.mesh import initialize_distributed
 from bifrost_jax.parallel.multislice import mesh_from_config
 from bifrost_jax.parallel.rules import axis_rules
 from bifrost_jax.train import checkpoint as ckpt
-from bifrost_jax.train.logging import MetricsLogger
+from bifrost_jax.train.logging import MetricsLogger, step_flops
 from bifrost_jax.train.phases import get_phase
-from bifrost_jax.train.state import (StateBuilder, TrainState, compiled_flops, global_batch, jit_train_step,
-                                     make_optimizer, make_train_step, merge_params)
+from bifrost_jax.train.state import (StateBuilder, TrainState, global_batch, jit_train_step, make_optimizer,
+                                     make_train_step, merge_params)
 
 PREEMPTED_EXIT_CODE = 0
 
@@ -112,11 +116,16 @@ def _flat(tree, prefix=()):
 
 
 def _override(tree, overrides, prefix):
+    """``tree`` with the leaves named in ``overrides`` replaced, cast to the leaf's dtype: a source may hold
+    another dtype (e.g. a trained branch copied from a bf16-stored frozen backbone must stay fp32)."""
     if not tree:
         return tree
     flat = traverse_util.flatten_dict(tree)
-    flat = {k: overrides.get(prefix + tuple(str(p) for p in k), v) for k, v in flat.items()}
-    return traverse_util.unflatten_dict(flat)
+    out = {}
+    for k, v in flat.items():
+        new = overrides.get(prefix + tuple(str(p) for p in k), v)
+        out[k] = new.astype(v.dtype) if new.dtype != v.dtype else new
+    return traverse_util.unflatten_dict(out)
 
 
 def _subtrees(dotted_paths) -> list[str]:
@@ -214,7 +223,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress_bar: bool
     batch_size, total = config.train.batch_size, config.train.steps
     tx, schedule = make_optimizer(config.optim, total)
     ema_decay = float(config.optim.ema_decay)
-    builder = StateBuilder(phase, tx, mesh, seed=config.seed, ema=ema_decay > 0)
+    builder = StateBuilder(phase, tx, mesh, seed=config.seed, ema=ema_decay > 0,
+                           frozen_dtype=config.train.get("frozen_param_dtype", ""))
     run_dir = os.path.join(os.path.abspath(workdir), phase.name)
     manager = ckpt.make_manager(ckpt.checkpoint_dir(workdir, phase.name), keep=config.checkpoint.keep,
                                 async_save=config.checkpoint.async_save)
@@ -235,19 +245,19 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress_bar: bool
     abstract_batch = builder.abstract_batch(batch_size)
     with axis_rules(mesh):
         compiled = step_fn.lower(builder.abstract_state, builder.abstract_frozen, abstract_batch).compile()
-    flops = compiled_flops(compiled)
-    if flops is None and phase.flops_per_example() is not None:
-        flops = phase.flops_per_example() * batch_size / mesh.size
+    # XLA's count of the compiled step beside the analytic model FLOPs, and the peak for MFU (train/logging.py)
+    flops = step_flops(phase, compiled, batch_size, mesh.size, config, device_list=list(mesh.devices.flat))
 
     step = int(jax.device_get(state.step))
     logger = MetricsLogger(run_dir, total_steps=total, initial_step=step, examples_per_step=batch_size,
-                           tokens_per_example=phase.tokens_per_example(), flops_per_step_per_device=flops,
+                           tokens_per_example=phase.tokens_per_example(), flops=flops,
                            progress_bar=progress_bar, tensorboard=config.train.tensorboard)
     n_train = sum(x.size for x in jax.tree.leaves(builder.abstract_state.params))
     n_frozen = sum(x.size for x in jax.tree.leaves(builder.abstract_frozen))
     logger.message(f"phase {phase.name}: mesh {dict(mesh.shape)}, {n_train:,} trainable / {n_frozen:,} frozen "
                    f"parameters, " + (f"resumed from step {resumed_from}" if resumed_from is not None
                                       else "fresh start") + f", workdir {run_dir}")
+    logger.message(flops.summary())
 
     watcher = PreemptionWatcher()
     preempted, last = False, {}
@@ -271,6 +281,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress_bar: bool
         watcher.close()
         manager.close()
         logger.close()
+    if jax.process_count() > 1 and "loss" in last:
+        # Every host reports its copy of the (replicated) last loss: hosts that disagree hold different states.
+        print(f"process {jax.process_index()}/{jax.process_count()}: step {step} loss {last['loss']!r}", flush=True)
     return TrainResult(state=state, frozen=frozen, step=step, preempted=preempted, last_metrics=last)
 
 

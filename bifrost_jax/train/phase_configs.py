@@ -59,6 +59,7 @@ TINY_MLLM_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
 def tiny_data(**overrides) -> ml_collections.ConfigDict:
     d = ml_collections.ConfigDict(dict(
         source="shapes", data_dir="data/shapes_tiny", image_resolution=64, train_size=256, shapes_seed=0,
+        shapes_layout="random", shapes_jitter=0.0,
         captions_source="", class_names_file="", vae_resolution=32, random_crop=False, min_crop_scale=1.0,
         text_dropout=0.0, precomputed_clip_latents="", worker_count=0, num_threads=2, prefetch_buffer_size=4))
     d.update(overrides)

@@ -18,8 +18,10 @@ The loop (``train/loop.py``) knows nothing about models. A phase provides:
   batches (``global_batch_size // process_count`` rows each), a grain ``DatasetIterator`` as built by
   ``bifrost_jax.data.pipeline.make_train_iterator``; the loop checkpoints it with ``iterator_state`` /
   ``restore_iterator``.
-* FLOPs info: ``tokens_per_example()`` (for tokens/s) and ``flops_per_example()`` (analytic model FLOPs of one
-  training example, forward + backward; ``None`` falls back to the compiled step's ``cost_analysis()``).
+* FLOPs info: ``tokens_per_example()`` (for tokens/s) and ``analytic_flops(batch_size)``: the analytic model
+  FLOPs of one training step (a ``bifrost_jax.parallel.flops.FlopsBreakdown``: matmuls + attention of every module,
+  x3 / x2 / x1 by how the step runs it), logged beside XLA's cost analysis and used for MFU; the default looks the
+  phase up in ``flops.phase_flops`` (None: unknown). ``flops_per_example()`` is its total at batch 1.
 
 Phases register by name in ``PHASES`` (``"module:Class"`` strings, imported on first use, so that importing this
 file never imports every model).
@@ -78,8 +80,15 @@ class Phase:
     def tokens_per_example(self) -> int:
         return 1
 
+    def analytic_flops(self, batch_size: int):
+        """Analytic FLOPs of one training step at global ``batch_size`` (``FlopsBreakdown``), or None."""
+        from bifrost_jax.parallel.flops import phase_flops
+
+        return phase_flops(self, batch_size)
+
     def flops_per_example(self) -> float | None:
-        return None
+        counts = self.analytic_flops(1)
+        return None if counts is None else counts.total
 
 
 # name -> "module:Class", imported on first use.

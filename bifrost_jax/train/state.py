@@ -2,7 +2,9 @@
 
 * Parameters are split by a path predicate into a trainable tree (fp32 master weights, optimizer state, optional
   EMA; all in ``TrainState``) and a frozen tree (no optimizer state; a separate, non-donated, non-differentiated
-  input of the step, so it stays bit-identical).
+  input of the step, so it stays bit-identical). ``config.train.frozen_param_dtype`` (e.g. "bfloat16") stores the
+  frozen tree narrower than the modules' ``param_dtype`` (the modules cast weights to their compute dtype anyway),
+  halving the memory of a frozen backbone while the trained weights stay fp32.
 * Non-param collections (BatchNorm statistics) live in ``TrainState.mutable``: the step updates them and they are
   checkpointed.
 * Everything starts abstract: ``jax.eval_shape`` of the init gives shapes and logical specs, ``parallel/rules``
@@ -93,6 +95,28 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int):
 # --------------------------------------------------------------------------------------------------------------
 # Abstract state, shardings, initialisation
 # --------------------------------------------------------------------------------------------------------------
+def frozen_param_dtype(name) -> Any:
+    """``config.train.frozen_param_dtype`` -> a dtype, or None ("": frozen weights keep their module's
+    param_dtype)."""
+    if name is None or (isinstance(name, str) and not name):
+        return None
+    try:
+        dtype = jnp.dtype(name)
+    except TypeError as e:
+        raise ValueError(f"config.train.frozen_param_dtype={name!r} is not a dtype (use '', 'bfloat16', "
+                         f"'float16' or 'float32')") from e
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"config.train.frozen_param_dtype={name!r} is not a floating dtype")
+    return dtype
+
+
+def cast_floating(tree, dtype):
+    """Floating leaves of ``tree`` (boxed or not) cast to ``dtype``; integer leaves and ``dtype=None`` unchanged."""
+    if dtype is None:
+        return tree
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
 def _split_variables(variables):
     variables = dict(variables)
     if "params" not in variables:
@@ -104,14 +128,23 @@ def _split_variables(variables):
 class StateBuilder:
     """Abstract train state, its shardings, and jitted initialisation for one phase on one mesh."""
 
-    def __init__(self, phase, tx, mesh: Mesh, *, seed: int, ema: bool, rules=LOGICAL_AXIS_RULES):
+    def __init__(self, phase, tx, mesh: Mesh, *, seed: int, ema: bool, rules=LOGICAL_AXIS_RULES,
+                 frozen_dtype: Any = "config"):
         self.phase, self.tx, self.mesh, self.seed, self.ema, self.rules = phase, tx, mesh, seed, ema, rules
+        if isinstance(frozen_dtype, str) and frozen_dtype == "config":
+            # default: the phase config's train.frozen_param_dtype (so `bifrost aot` and benchmarks get it too)
+            train_cfg = getattr(getattr(phase, "config", None), "train", None)
+            frozen_dtype = train_cfg.get("frozen_param_dtype", "") if train_cfg is not None else ""
+        self.frozen_dtype = frozen_param_dtype(frozen_dtype)
 
         def init_boxed(rng):
             # The same rng for params and the step RNG stream would correlate them; split.
             init_rng, step_rng = jax.random.split(rng)
             params, mutable = _split_variables(phase.init_variables(init_rng))
             trainable, frozen = split_params(params, phase.is_trainable)
+            # Frozen weights may be stored narrower than the trained ones (no optimizer reads them): the abstract
+            # frozen tree carries this dtype, so ports, init_from restores and resumes all land in it.
+            frozen = cast_floating(frozen, self.frozen_dtype)
             if not jax.tree.leaves(trainable):
                 raise ValueError(f"phase {phase.name!r}: is_trainable selects no parameter")
             state = TrainState(step=jnp.zeros((), jnp.int32), params=trainable, opt_state=tx.init(trainable),
