@@ -65,8 +65,8 @@ def get_config():
     # (300 x 16 steps: 0.78, 800 x 32: 0.95), and the MLLM needs ~2500 x 32 steps to generalise colour to unseen
     # colour-shape pairs (1500 x 16: colour 0.28, 4000 x 32: 0.69, same diffusion checkpoints).
     c.phases = ml_collections.ConfigDict()
-    for name, steps, batch, lr in (("vae", 450, 32, 2e-3), ("flux", 600, 64, 2e-3),
-                                   ("controlnet", 450, 32, 1e-3), ("mllm", 2500, 32, 1e-3)):
+    for name, steps, batch, lr in (("vae", 600, 32, 2e-3), ("flux", 600, 64, 2e-3),
+                                   ("controlnet", 500, 32, 1e-3), ("mllm", 3000, 32, 1e-3)):
         c.phases[name] = ml_collections.ConfigDict(dict(steps=steps, batch_size=batch, lr=lr, warmup_steps=50))
     # the unconditional prompt "" (MLLM classifier-free guidance, generate.mllm_cfg > 1) must be seen in training
     c.phases.mllm.text_dropout = 0.1
