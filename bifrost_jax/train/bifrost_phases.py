@@ -148,10 +148,8 @@ def _place(values, abstract, shardings, what: str):
 
 def _check_keys(saved: dict, expected: dict, what: str) -> None:
     """Raise naming every expected key absent from ``saved``, every unexpected one and every wrong shape."""
-    missing = sorted(set(expected) - set(saved))
-    extra = sorted(set(saved) - set(expected))
-    wrong = [f"{'.'.join(k)}: {saved[k]} vs expected {expected[k]}" for k in sorted(expected)
-             if k in saved and tuple(saved[k]) != tuple(expected[k])]
+    from bifrost_jax.train.checkpoint import shape_mismatches
+    missing, extra, wrong = shape_mismatches(saved, expected)
     if missing or extra or wrong:
         raise ValueError(f"{what} does not match the model configured here:"
                          + (f"\n  missing: {['.'.join(k) for k in missing]}" if missing else "")

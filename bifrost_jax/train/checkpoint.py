@@ -156,6 +156,19 @@ def _check_shapes(restored, expected, where: str):
 # --------------------------------------------------------------------------------------------------------------
 # Params-only restore with accounting (across phases, from other runs)
 # --------------------------------------------------------------------------------------------------------------
+def shape_mismatches(saved: Mapping[PathT, tuple], expected: Mapping[PathT, tuple], *,
+                     allow_missing: Iterable[PathT] = (), allow_unused: Iterable[PathT] = ()):
+    """``(missing, unused, wrong)`` between flat ``{path: shape}`` maps: expected paths absent from ``saved``
+    (outside ``allow_missing``), saved paths not expected (outside ``allow_unused``), and
+    ``"dotted.path: saved shape, expected shape"`` for every shape that differs."""
+    allow_missing, allow_unused = tuple(allow_missing), tuple(allow_unused)
+    missing = sorted(k for k in expected if k not in saved and not _under(k, allow_missing))
+    unused = sorted(k for k in saved if k not in expected and not _under(k, allow_unused))
+    wrong = sorted(f"{_dotted(k)}: checkpoint {tuple(saved[k])}, expected {tuple(expected[k])}"
+                   for k in expected if k in saved and tuple(saved[k]) != tuple(expected[k]))
+    return missing, unused, wrong
+
+
 def _dotted(path: PathT) -> str:
     return ".".join(path)
 
@@ -222,11 +235,8 @@ def restore_params(path: str, abstract_variables: Mapping[str, Any], *, step: in
     step_dir = resolve_step_dir(path, step)
     saved = checkpoint_param_shapes(step_dir, use_ema)
     expected = {tuple(str(p) for p in k): v for k, v in traverse_util.flatten_dict(dict(abstract_variables)).items()}
-    allow_missing, allow_unused = tuple(allow_missing), tuple(allow_unused)
-    missing = [k for k in expected if k not in saved and not _under(k, allow_missing)]
-    unused = [k for k in saved if k not in expected and not _under(k, allow_unused)]
-    wrong = [f"{_dotted(k)}: checkpoint {saved[k]}, expected {expected[k].shape}"
-             for k in expected if k in saved and tuple(saved[k]) != tuple(expected[k].shape)]
+    missing, unused, wrong = shape_mismatches(saved, {k: v.shape for k, v in expected.items()},
+                                              allow_missing=allow_missing, allow_unused=allow_unused)
     if missing or unused or wrong:
         parts = [f"checkpoint {step_dir} does not match the expected variables:"]
         if missing:

@@ -107,10 +107,11 @@ def step_flops(phase, compiled, batch_size: int, devices: int, config=None,
     from bifrost_jax.train.state import compiled_flops
 
     per_device = compiled_flops(compiled) if compiled is not None else None
-    breakdown = phase.analytic_flops(batch_size) if hasattr(phase, "analytic_flops") else None
+    breakdown = phase.analytic_flops(batch_size)
     analytic = breakdown.total if breakdown is not None else None
-    if analytic is None and getattr(phase, "flops_per_example", lambda: None)() is not None:
-        analytic = phase.flops_per_example() * batch_size
+    if analytic is None:  # a phase that only overrides flops_per_example
+        per_example = phase.flops_per_example()
+        analytic = None if per_example is None else per_example * batch_size
     peak, source = resolve_peak(config, device_list)
     return StepFlops(devices=devices, model_flops_per_step=None if per_device is None else per_device * devices,
                      analytic_flops_per_step=analytic, peak_flops_per_device=peak, peak_source=source,
