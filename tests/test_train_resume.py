@@ -146,13 +146,13 @@ def test_sigterm_and_sigkill_resume_reproduce_the_uninterrupted_run(tmp_path):
 # The real controlnet phase
 
 CONTROLNET = os.path.join(REPO, "configs", "controlnet.py")
-CN_STEPS = 10
+CN_STEPS = 30  # long enough that the signals below land mid-run even on a fast, quiet machine
 
 
 def controlnet_args(data_dir):
     # Tiny config, one device, batch 2; a checkpoint every 3 steps (all kept, to compare them).
     return [f"--config.train.steps={CN_STEPS}", "--config.train.log_every=1", "--config.checkpoint.every=3",
-            "--config.checkpoint.keep=5", "--config.mesh.data=1", "--config.mesh.tensor=1",
+            "--config.checkpoint.keep=10", "--config.mesh.data=1", "--config.mesh.tensor=1",
             "--config.train.batch_size=2", "--config.optim.warmup_steps=2", "--config.train.tensorboard=False",
             f"--config.data.data_dir={data_dir}", "--config.data.train_size=16"]
 
