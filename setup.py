@@ -34,6 +34,12 @@ PORT = [
 ]
 TEST = ["pytest", "pytest-xdist"]
 TPU = ["libtpu==0.0.42.1"]
+# Compiling for GPUs without one (`bifrost aot --topology h100:8`): the CUDA PJRT plugin, ptxas (CUDA 12.9, the
+# plugin's build) and cuDNN's library (JAX reads its version when it lowers cuDNN attention; 9.8 = the plugin's
+# build). Nothing else of CUDA is needed (no runtime, cuBLAS, NCCL): pip also pulls nvidia-cublas-cu12 as
+# cuDNN's dependency (~0.6 GB, unused); `pip install --no-deps <these four>` skips it.
+GPU_AOT = ["jax-cuda12-plugin==0.10.2", "jax-cuda12-pjrt==0.10.2", "nvidia-cuda-nvcc-cu12==12.9.86",
+           "nvidia-cudnn-cu12==9.8.0.87"]
 
 setup(
     name="bifrost-jax",
@@ -42,6 +48,7 @@ setup(
     packages=find_packages(include=["bifrost_jax", "bifrost_jax.*"]),
     python_requires=">=3.11",
     install_requires=CORE,
-    extras_require={"port": PORT, "test": PORT + TEST, "tpu": TPU},
+    package_data={"bifrost_jax": ["data_files/gpu_target_configs/*.txtpb"]},
+    extras_require={"port": PORT, "test": PORT + TEST, "tpu": TPU, "gpu-aot": GPU_AOT},
     entry_points={"console_scripts": ["bifrost=bifrost_jax.cli:main"]},
 )

@@ -56,21 +56,30 @@ class Candidate:
     remat: dict                # {config section: remat policy}
     accum: int = 1             # train.grad_accum_steps
     why: str = ""
+    # "generate": `bifrost aot --phase generate` on configs/full/generate_aot.py (one MAR step + one Euler step,
+    # batch = images); otherwise the train step of configs/full/<phase>.py
 
     @property
     def chips(self) -> int:
         dims = self.topology.split(":")[1].split("x")
         return math.prod(int(d) for d in dims)
 
+    @property
+    def config_file(self) -> str:
+        return "configs/full/generate_aot.py" if self.phase == "generate" else f"configs/full/{self.phase}.py"
+
     def overrides(self) -> list[str]:
         out = [f"--config.mesh.{k}={v}" for k, v in self.mesh.items()]
+        if self.phase == "generate":
+            return out + [f"--config.generate_batch={self.batch}"]
         out += [f"--config.train.batch_size={self.batch}", f"--config.train.grad_accum_steps={self.accum}"]
         out += [f"--config.{section}.remat_policy={policy}" for section, policy in self.remat.items()]
         return out
 
     def command(self, json_path: str) -> list[str]:
-        return [TPU_PYTHON, "-m", "bifrost_jax.cli", "aot", "--config", f"configs/full/{self.phase}.py",
-                "--topology", self.topology, "--json", json_path] + self.overrides()
+        phase = ["--phase", "generate"] if self.phase == "generate" else []
+        return [TPU_PYTHON, "-m", "bifrost_jax.cli", "aot", "--config", self.config_file,
+                "--topology", self.topology] + phase + ["--json", json_path] + self.overrides()
 
 
 # Chosen by reasoning from the parameter counts (see --estimate and RESULTS.md), in the order they are compiled:
@@ -106,6 +115,28 @@ CANDIDATES = [
               {"controlnet": "full", "flux": "full"}, why="smallest v5p slice (4 chips): ~13 GiB state per chip"),
     Candidate("controlnet-v6e4", "controlnet", "v6e:2x2", dict(data=1, fsdp=-1, tensor=1), 4,
               {"controlnet": "full", "flux": "full"}, why="~13 GiB state per chip of 32 GiB"),
+    # ---- session 3: v6e-64 layouts the first pass could not compile or did not try
+    Candidate("controlnet-v6e64-fsdp-fluxremat", "controlnet", "v6e:8x8", dict(data=1, fsdp=-1, tensor=1), 64,
+              {"controlnet": "full", "flux": "full"},
+              why="pure FSDP (v5p-64: 4% faster than fsdp x tensor) with the frozen FLUX rematerialised: its "
+                  "activations (50.7 GiB/chip on v5p without remat) cannot fit 32 GiB"),
+    Candidate("mllm-v6e64-fsdp-b256", "mllm", "v6e:8x8", dict(data=1, fsdp=-1, tensor=1), 256,
+              {"mllm": "none"}, why="4 per chip: the v5p-64 b512 gain (all-gathers amortised) within 32 GiB"),
+    # remat "none" keeps every layer's GATHERED weight for the backward (12.6 GiB/chip of bf16 branch weights,
+    # tests/test_remat_weights.py); "dots_no_batch" saves the projections' outputs and re-gathers the weights
+    Candidate("mllm-v6e64-fsdp-b256-dots", "mllm", "v6e:8x8", dict(data=1, fsdp=-1, tensor=1), 256,
+              {"mllm": "dots_no_batch"}, why="b256 without the gathered weights kept for the backward"),
+    Candidate("mllm-v6e64-fsdp-b512-dots", "mllm", "v6e:8x8", dict(data=1, fsdp=-1, tensor=1), 512,
+              {"mllm": "dots_no_batch"}, why="8 per chip, fits 32 GiB once the weights are re-gathered?"),
+    Candidate("mllm-v5p64-fsdp-b512-dots", "mllm", "v5p:4x4x4", dict(data=1, fsdp=-1, tensor=1), 512,
+              {"mllm": "dots_no_batch"}, why="the fastest v5p-64 layout without the gathered weights kept"),
+    Candidate("mllm-v5p64-fsdp-b1024-dots", "mllm", "v5p:4x4x4", dict(data=1, fsdp=-1, tensor=1), 1024,
+              {"mllm": "dots_no_batch"}, why="16 per chip: amortise the all-gathers further"),
+    # ---- generation (one MAR step + one Euler step; batch = images, one per chip)
+    Candidate("generate-v5p8", "generate", "v5p:2x2x1", dict(data=1, fsdp=-1, tensor=1), 4, {},
+              why="smallest v5p slice: 18 GiB of bf16 weights"),
+    Candidate("generate-v6e4", "generate", "v6e:2x2", dict(data=1, fsdp=-1, tensor=1), 4, {},
+              why="smallest v6e slice: 18 GiB of bf16 weights over 4 x 32 GiB"),
 ]
 
 
@@ -166,18 +197,27 @@ def run_candidate(c: Candidate, out_dir: str, timeout: float) -> dict:
     env = dict(os.environ, PYTHONPATH=ROOT)
     start = time.time()
     status = "ok"
+    rc, max_rss_gib = None, None
     with open(log_path, "w") as log:
         log.write(" ".join(cmd) + "\n")
         log.flush()
-        try:
-            rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                timeout=timeout).returncode
-        except subprocess.TimeoutExpired:
-            rc, status = None, f"timeout after {timeout:.0f} s"
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        while True:   # os.wait4, not Popen.wait: its rusage gives the compile's peak RSS on this host
+            pid, wait_status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                proc.returncode = rc = os.waitstatus_to_exitcode(wait_status)
+                max_rss_gib = usage.ru_maxrss * 1024 / GIB   # Linux: kilobytes
+                break
+            if time.time() - start > timeout:
+                proc.kill()
+                proc.wait()
+                status = f"timeout after {timeout:.0f} s"
+                break
+            time.sleep(1.0)
     if status == "ok" and not os.path.exists(json_path):
         status = f"crashed (exit {rc}): see {log_path}"
     meta = dict(candidate=dataclasses.asdict(c), command=" ".join(cmd[1:]), rc=rc, status=status,
-                wall_seconds=time.time() - start)
+                wall_seconds=time.time() - start, host_max_rss_gib=max_rss_gib)
     with open(meta_path, "w") as f:
         json.dump(meta, f, indent=2)
     return meta
@@ -215,15 +255,18 @@ def analytic_flops(c: Candidate):
 
 def analytic_mfu(c: Candidate, rep: dict) -> tuple[float | None, float | None, float]:
     """(MFU from analytic FLOPs at the estimated step time, counted / analytic, analytic TFLOP per chip)."""
-    a = analytic_flops(c)
-    per_chip = a.total / c.chips
+    if c.phase == "generate":   # not a training phase: the report carries the target's analytic count
+        per_chip, attention = rep["analytic_flops"], rep["analytic_attention_flops"]
+    else:
+        a = analytic_flops(c)
+        per_chip, attention = a.total / c.chips, a.attention / c.chips
     counted = rep.get("counted_flops")
     ratio = counted / per_chip if counted else None
     est, peak = rep.get("estimated_seconds"), rep.get("peak_flops")
     kernels = rep.get("uncounted_kernels") or any("Pallas kernel" in n for n in rep.get("notes", []))
     if not (est and peak):
         return None, ratio, per_chip
-    step = est + (a.attention / c.chips / peak if kernels else 0.0)
+    step = est + (attention / peak if kernels else 0.0)
     return per_chip / step / peak, ratio, per_chip
 
 

@@ -18,10 +18,12 @@ What can be compiled by name is a registry: ``register_aot_target(name, builder)
 Topologies: TPU names as libtpu takes them ("v5p:2x2x1", "v5e:4x4", "v6e:8x8", "v4:4x4x4"; multislice with
 ``--num_slices``), which needs libtpu (``pip install -e '.[tpu]'``); "cpu" / "cpu:N" (this host's CPU devices:
 the same code path, used by the tests) and "local" (``jax.devices()``: on a GPU host, the real GPU compile).
-GPU names ("h100:8", "h100:4x8") go to the CUDA PJRT plugin through ``get_topology_desc(platform="cuda")``: JAX 0.10
-has no GPU topology of its own; without the plugin (this project's CPU venv) it raises NotImplementedError and the
-name is refused with JAX's message; with it, a ``GpuTargetConfigProto`` (``BIFROST_GPU_TARGET_CONFIG``) describes
-the GPU model without a device (see :func:`gpu_topology_devices`; untested here).
+GPU names ("h100:8", "h100:4x8" = 4 hosts of 8; "h200:N", "a100:N") compile without a GPU through the CUDA PJRT
+plugin (``pip install -e '.[gpu-aot]'``; JAX 0.10 has no GPU topology of its own) and a ``GpuTargetConfigProto``
+describing the GPU model, shipped in ``bifrost_jax/data_files/gpu_target_configs/`` (``BIFROST_GPU_TARGET_CONFIG``
+overrides): the real XLA GPU pipeline down to PTX and ptxas, real per-GPU memory, no cost model (no XLA FLOPs or
+step time). Without the plugin (this project's CPU venv) the name is refused with JAX's message and the install
+line. See :func:`gpu_topology_devices`.
 
 Counting caveat: XLA's cost analysis (FLOPs and the TPU compiler's ``optimal_seconds``) counts the body of a while
 loop once, whatever its trip count, so scanned layers (``scan_layers=True``) and gradient-accumulation scans are
@@ -103,43 +105,109 @@ def topology_devices(topology: str, *, num_slices: int = 1) -> list:
 
 
 GPU_TARGET_CONFIG_ENV = "BIFROST_GPU_TARGET_CONFIG"
+GPU_AOT_INSTALL_HINT = "pip install -e '.[gpu-aot]'"
+# GPU models we ship a GpuTargetConfigProto for (bifrost_jax/data_files/gpu_target_configs/): the KIND of
+# "KIND:N" -> file. Any other GPU: BIFROST_GPU_TARGET_CONFIG=path of a text proto for it.
+GPU_TARGET_CONFIGS = {"h100": "h100_sxm.txtpb", "h200": "h200.txtpb", "a100": "a100_sxm_80.txtpb"}
+GPU_TARGET_CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data_files", "gpu_target_configs")
+
+
+def gpu_target_config_path(kind: str) -> Optional[str]:
+    """The ``GpuTargetConfigProto`` text file for GPU model ``kind`` ("h100", ...): ``$BIFROST_GPU_TARGET_CONFIG``
+    when set (whatever the kind), else the one shipped for ``kind``, else None."""
+    path = os.environ.get(GPU_TARGET_CONFIG_ENV, "")
+    if path:
+        return path
+    name = GPU_TARGET_CONFIGS.get(kind.lower())
+    return os.path.join(GPU_TARGET_CONFIG_DIR, name) if name else None
+
+
+def _compile_only_platforms() -> None:
+    """Keep the CUDA plugin from starting a GPU backend in this process. The plugin's initialisation checks the
+    CUDA runtime libraries (absent on a GPU-less host: it then registers nothing, so no "cuda" topology either)
+    unless the platforms JAX was asked for exclude CUDA; a topology needs no client. Only before JAX has
+    started its backends, and only when nobody chose the platforms (JAX_PLATFORMS / jax_platforms)."""
+    from jax._src import xla_bridge
+
+    if not jax.config.jax_platforms and not xla_bridge.backends_are_initialized():
+        jax.config.update("jax_platforms", "cpu")
 
 
 def gpu_topology_devices(name: str) -> list:
-    """Compile-only devices of a GPU topology "KIND:N" or "KIND:HOSTSxN" (e.g. "h100:8", "h100:4x8"), if this JAX
-    install can describe one, else :class:`AotUnavailable` quoting what JAX said.
+    """Compile-only devices of a GPU topology "KIND:N" or "KIND:HOSTSxN" (e.g. "h100:8", "h100:4x8"): no GPU needed,
+    but the CUDA PJRT plugin (``pip install -e '.[gpu-aot]'``); else :class:`AotUnavailable` saying why.
 
-    What JAX 0.10 can do (checked, not assumed): ``jax.experimental.topologies.get_topology_desc(platform="cuda",
-    topology_name="<slices>x<hosts>x<gpus>", **options)`` hands the options to the CUDA PJRT plugin
-    (``jax[cuda12]``; JAX itself has no GPU topology). Without the plugin (a CPU-only install like this project's
-    venv) it raises ``NotImplementedError: topology not implemented for cuda``. With it, XLA's GPU plugin builds the
-    topology from a ``target_config`` option (a ``GpuTargetConfigProto`` in text form, which describes the GPU
-    model) with no GPU present, or, without that option, from the local GPUs (so it needs one). Pass the text
-    proto's path in ``BIFROST_GPU_TARGET_CONFIG``. The plugin path is untested here (no CUDA plugin or GPU on the
-    development machine); on a GPU host ``--topology local`` compiles for the real GPUs."""
+    How (checked with jax / jaxlib / jax-cuda12-plugin 0.10.2 on a CPU-only host): JAX has no GPU topology of its
+    own; ``jax.experimental.topologies.get_topology_desc(platform="cuda", topology_name=..., **options)`` hands
+    the options to the plugin, whose topology factory (XLA ``PJRT_GpuDeviceTopology_Create``) reads two of them:
+    ``target_config``, a ``stream_executor.GpuTargetConfigProto`` in text form describing the GPU model (without
+    it the plugin asks the local GPUs: "No visible GPU devices"), and ``topology``,
+    "PARTITIONS x HOSTS x GPUS_PER_HOST" (without it: "Cannot create topology without an explicit topology shape
+    or without a client"; ``topology_name`` itself is ignored). The config is the file shipped for KIND
+    (:data:`GPU_TARGET_CONFIGS`: H100 SXM 80 GB, H200 141 GB, A100 SXM 80 GB) or ``$BIFROST_GPU_TARGET_CONFIG``.
+    XLA then compiles "deviceless": the whole GPU pipeline (SPMD partitioning, fusion, scheduling, LLVM -> PTX
+    -> ptxas for sm_90a), so memory_analysis is the real per-GPU figure; cost_analysis is None (no FLOPs, no
+    time estimate). What it cannot check without a GPU: cuDNN custom calls (fused attention) are lowered and
+    scheduled but their cuDNN graphs are built only on a GPU (XLA's CuDnnWorkspaceRewriter needs a stream
+    executor), so their workspace is counted as 0 bytes and cuDNN's own support checks run at load time.
+    Multi-host names ("h100:4x8") give devices of 4 processes, compiled for from this one. On a GPU host
+    ``--topology local`` compiles for its own GPUs."""
     m = re.fullmatch(r"([A-Za-z0-9]+)(?:[-_]\w+)?:(?:(\d+)x)?(\d+)", name)
     if not m:
         raise AotUnavailable(f"topology {name}: GPU topologies are written KIND:GPUS or KIND:HOSTSxGPUS_PER_HOST "
                              "(e.g. h100:8, h100:4x8)")
-    hosts, per_host = int(m.group(2) or 1), int(m.group(3))
+    kind, hosts, per_host = m.group(1).lower(), int(m.group(2) or 1), int(m.group(3))
+    path = gpu_target_config_path(kind)
+    if path is None:
+        raise AotUnavailable(
+            f"topology {name}: no GPU target config for {kind!r} (shipped: {', '.join(sorted(GPU_TARGET_CONFIGS))}). "
+            f"Set {GPU_TARGET_CONFIG_ENV} to a stream_executor.GpuTargetConfigProto text file describing that GPU "
+            "(XLA's xla/backends/gpu/target_config/specs/ has several; on a host with the GPU, "
+            "--xla_dump_to writes one as *.gpu_target_config.pbtxt)")
+    with open(path) as f:
+        target_config = f.read()
+    _compile_only_platforms()
     from jax.experimental import topologies
 
-    options = {}
-    path = os.environ.get(GPU_TARGET_CONFIG_ENV, "")
-    if path:
-        with open(path) as f:
-            options["target_config"] = f.read()
+    shape = f"1x{hosts}x{per_host}"
     try:
-        desc = topologies.get_topology_desc(platform="cuda", topology_name=f"1x{hosts}x{per_host}", **options)
-    except Exception as e:
+        desc = topologies.get_topology_desc(platform="cuda", topology_name=shape, target_config=target_config,
+                                            topology=shape)
+    except NotImplementedError as e:  # no CUDA plugin registered
         raise AotUnavailable(
-            f"topology {name}: JAX {jax.__version__} cannot compile for a GPU without one here: "
-            f"jax.experimental.topologies.get_topology_desc(platform='cuda') raised {type(e).__name__}: {e}. "
-            "GPU topologies come from the CUDA PJRT plugin (pip install 'jax[cuda12]'), which describes a GPU "
-            f"model without the device only from a GpuTargetConfigProto ({GPU_TARGET_CONFIG_ENV}=path of its text "
-            "form, captured on a host with that GPU). On a GPU host use --topology local to compile for its GPUs "
-            "with the config's mesh.") from e
+            f"topology {name}: JAX {jax.__version__} cannot compile for a GPU without the CUDA PJRT plugin, which "
+            f"is not installed (or did not register) here: jax.experimental.topologies.get_topology_desc("
+            f"platform='cuda') raised {type(e).__name__}: {e}. Install it with: {GPU_AOT_INSTALL_HINT} (no GPU "
+            "needed). If it is installed, run with JAX_PLATFORMS=cpu: without a GPU the plugin registers only when "
+            "CUDA is not among the requested platforms. On a GPU host use --topology local to compile for its "
+            "GPUs with the config's mesh.") from e
+    except Exception as e:  # the plugin rejects the config or the shape
+        raise AotUnavailable(f"topology {name}: the CUDA PJRT plugin could not describe it from {path}: "
+                             f"{type(e).__name__}: {e}") from e
     return list(desc.devices)
+
+
+# JAX's GPU client preallocates this fraction of the GPU's memory (XLA_PYTHON_CLIENT_MEM_FRACTION, default 0.75)
+# and allocates from that pool only: a program that fits the HBM may still not fit the default pool.
+JAX_GPU_MEM_FRACTION_DEFAULT = 0.75
+
+
+def gpu_compile_only_notes(report: "AotReport", hlo: str) -> list[str]:
+    """What a compile for GPU topology devices (no GPU present) leaves out of the report."""
+    notes = ["compiled for the GPU model without a GPU (deviceless XLA compile): XLA's GPU compiler gives no cost "
+             "analysis, so no XLA FLOPs or step time; memory figures are the compiler's buffer assignment"]
+    cudnn = len(re.findall(r'custom_call_target="__cudnn\$', hlo))
+    if cudnn:
+        notes.append(f"{cudnn} cuDNN custom call(s) (fused attention, convolutions): lowered and scheduled, but "
+                     "without a GPU XLA neither builds their cuDNN graphs nor autotunes them, so their workspaces "
+                     "(0 bytes here) are missing from the memory figures and cuDNN's own support checks run only "
+                     "when the program is loaded on a GPU")
+    if report.hbm_bytes and JAX_GPU_MEM_FRACTION_DEFAULT * report.hbm_bytes < report.total_bytes <= report.hbm_bytes:
+        need = report.total_bytes / report.hbm_bytes
+        notes.append(f"needs {100 * need:.0f}% of the GPU's memory; JAX's GPU client uses "
+                     f"{100 * JAX_GPU_MEM_FRACTION_DEFAULT:.0f}% unless told otherwise: run it with "
+                     f"XLA_PYTHON_CLIENT_MEM_FRACTION={min(0.99, math.ceil(need * 100 + 2) / 100):.2f} or more")
+    return notes
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -254,7 +322,9 @@ class AotReport:
     xla_flops: Optional[float] = None        # XLA cost analysis of the partitioned program (loop bodies once)
     counted_flops: Optional[float] = None    # traced matmul/conv FLOPs / devices (scans x length)
     bytes_accessed: Optional[float] = None
-    xla_seconds: Optional[float] = None      # the compiler's estimate (TPU "optimal_seconds")
+    xla_seconds: Optional[float] = None      # the compiler's estimate (TPU "optimal_seconds"), corrected below
+    xla_seconds_raw: Optional[float] = None  # "optimal_seconds" as the cost analysis returned it
+    unknown_cost_ops: int = 0                # ops the cost model prices at its -1 s sentinel (added back)
     peak_flops: Optional[float] = None       # dense bf16 FLOP/s per device
     analytic_flops: Optional[float] = None   # analytic model FLOPs / devices (parallel/flops.py; no remat)
     analytic_attention_flops: Optional[float] = None  # their attention part (scores + value products)
@@ -423,10 +493,37 @@ def _cost_dict(compiled) -> dict:
     return dict(cost or {})
 
 
+# Custom calls the TPU cost model cannot price. The v6e ("TPU v6 lite") model of libtpu 0.0.42-0.0.52 prices each
+# "ConcatBitcast" (a bitcast joining the pieces of an asynchronously sliced operand, emitted when the compiler
+# prefetches slices of an input into VMEM) at -1 s, a sentinel that drags "optimal_seconds" of any real program
+# below zero. The op moves no data (the slices' DMAs are priced on their own), so its true cost is taken as 0.
+_SENTINEL_CUSTOM_CALLS = ("ConcatBitcast",)
+
+
+def corrected_optimal_seconds(raw: float, hlo: str) -> tuple[Optional[float], int, str]:
+    """The compiler's step time with the cost model's -1 s sentinels removed: ``raw`` + the number of custom calls
+    the model cannot price (counted in the optimized HLO, each instruction once, as the cost analysis counts them).
+    Returns (seconds or None, sentinels added back, note). None when the result is still not positive: then some
+    other op carries a sentinel and no estimate is better than a wrong one."""
+    n = sum(len(re.findall(r'custom_call_target="%s"' % re.escape(t), hlo)) for t in _SENTINEL_CUSTOM_CALLS)
+    corrected = raw + n
+    if n and corrected > 0:
+        return corrected, n, (f"the compiler's cost model priced {n} {'/'.join(_SENTINEL_CUSTOM_CALLS)} custom "
+                              f"call(s) at its -1 s 'unknown' sentinel (optimal_seconds {raw:.4f}); they move no "
+                              f"data and are counted as 0 s: estimate {corrected * 1e3:.3f} ms")
+    if corrected > 0:
+        return corrected, 0, ""
+    if raw == 0 and not n:   # backends without a cost model (CPU) report 0
+        return None, 0, ""
+    return None, n, (f"the compiler's cost model returned optimal_seconds={raw:.4f} ({n} known sentinel op(s) "
+                     f"added back: {corrected:.4f}); some op has no cost: step time unknown")
+
+
 def compile_jitted(jitted, abstract_args: Sequence[Any], mesh: Mesh, *, target: str, topology: str,
-                   hbm_bytes: Optional[int] = None) -> AotReport:
+                   hbm_bytes: Optional[int] = None, hlo_path: Optional[str] = None) -> AotReport:
     """Trace, lower and compile an already-jitted function (shardings in the jit or on the abstract arguments)
-    under the logical-axis rules and ``mesh``, and analyse it."""
+    under the logical-axis rules and ``mesh``, and analyse it. ``hlo_path``: also write the compiled (optimized,
+    partitioned) HLO text there, e.g. to see which collectives the compiler placed where."""
     devices = list(mesh.devices.flat)
     spec = devspec.per_device(devices, topology)
     report = AotReport(target=target, topology=topology, platform=devices[0].platform, device_kind=spec.device_kind,
@@ -470,11 +567,20 @@ def compile_jitted(jitted, abstract_args: Sequence[Any], mesh: Mesh, *, target: 
     cost = _cost_dict(compiled)
     report.xla_flops = float(cost["flops"]) if cost.get("flops") else None
     report.bytes_accessed = float(cost["bytes accessed"]) if cost.get("bytes accessed") else None
-    report.xla_seconds = float(cost["optimal_seconds"]) if cost.get("optimal_seconds", 0) > 0 else None
     try:
         hlo = compiled.as_text()
     except Exception:
         hlo = ""
+    if hlo_path:
+        with open(hlo_path, "w") as f:
+            f.write(hlo)
+    if cost.get("optimal_seconds") is not None:
+        report.xla_seconds_raw = float(cost["optimal_seconds"])
+        report.xla_seconds, report.unknown_cost_ops, note = corrected_optimal_seconds(report.xla_seconds_raw, hlo)
+        if note:
+            report.notes.append(note)
+    if report.platform == "gpu" and devspec.live_hbm_bytes(devices[0]) is None:
+        report.notes.extend(gpu_compile_only_notes(report, hlo))
     report.has_loops = bool(re.search(r"\bwhile\(", hlo or ""))
     if report.has_loops:
         report.notes.append("the program has while loops (scanned layers / micro-batches): XLA's cost analysis "
@@ -678,12 +784,13 @@ def resolve_target(name: Optional[str], config: ml_collections.ConfigDict) -> tu
 
 
 def compile_target(name: Optional[str], config: ml_collections.ConfigDict, topology: str, *, num_slices: int = 1,
-                   hbm_bytes: Optional[int] = None) -> AotReport:
+                   hbm_bytes: Optional[int] = None, hlo_path: Optional[str] = None) -> AotReport:
     """Build a registered target for ``config`` on ``topology``'s mesh and compile it."""
     display, builder = resolve_target(name, config)
     mesh = make_topology_mesh(topology, dict(config.mesh), num_slices=num_slices)
     target = _as_target(builder(config, mesh))  # builders enter axis_rules themselves where they need it
-    report = compile_jitted(target.fn, target.args, mesh, target=display, topology=topology, hbm_bytes=hbm_bytes)
+    report = compile_jitted(target.fn, target.args, mesh, target=display, topology=topology, hbm_bytes=hbm_bytes,
+                            hlo_path=hlo_path)
     add_analytic(report, target.analytic)
     if num_slices > 1:
         report.topology = f"{num_slices} x {topology}"
@@ -696,7 +803,7 @@ def compile_target(name: Optional[str], config: ml_collections.ConfigDict, topol
 # Command line
 # --------------------------------------------------------------------------------------------------------------
 USAGE = """usage: bifrost aot --config FILE --topology NAME [--phase NAME] [--num_slices N] [--hbm_gib G]
-                   [--json PATH] [--config.KEY=VALUE ...]
+                   [--json PATH] [--hlo PATH] [--config.KEY=VALUE ...]
 
 Compile a phase's step ahead of time for a device topology and report per-device memory, FLOPs, the compiler's
 estimated step time and MFU. Exit status: 0 fits, 1 does not fit (or out of memory at compile time), 2 cannot
@@ -709,7 +816,8 @@ compile here (bad arguments, libtpu missing, GPU topology).
   --phase     an aot target or a training phase (default: config.phase)
   --num_slices  TPU multislice: N slices of --topology (the config's mesh sets dcn_* axes)
   --hbm_gib   check the fit against this many GiB per device instead of the chip table
-  --json      also write the report as JSON to PATH"""
+  --json      also write the report as JSON to PATH
+  --hlo       also write the compiled (optimized, partitioned) HLO text to PATH"""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -721,12 +829,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         config, extra = parse_config_flags(argv, extra_string_flags=("topology", "phase", "num_slices", "hbm_gib",
-                                                                     "json"))
+                                                                     "json", "hlo"))
         if not extra["topology"]:
             raise ValueError("missing --topology (e.g. v5p:4x4x4, cpu:8, local)")
         num_slices = int(extra["num_slices"] or 1)
         hbm = int(float(extra["hbm_gib"]) * GIB) if extra["hbm_gib"] else None
-        report = compile_target(extra["phase"], config, extra["topology"], num_slices=num_slices, hbm_bytes=hbm)
+        report = compile_target(extra["phase"], config, extra["topology"], num_slices=num_slices, hbm_bytes=hbm,
+                                hlo_path=extra["hlo"] or None)
     except (AotUnavailable, ValueError) as e:
         print(f"bifrost aot: {e}", file=sys.stderr)
         return 2
