@@ -262,6 +262,22 @@ def test_gpu_target_config_lookup_and_override(monkeypatch, tmp_path):
         assert any(fnmatch.fnmatch(rel, p) for p in patterns), rel
 
 
+def test_gpu_compile_only_notes():
+    """What a deviceless GPU compile leaves out: the cost model, cuDNN workspaces (counted in the HLO), and JAX's
+    default 75% GPU memory pool (a fraction to run with, only when the program fits the HBM but not the pool)."""
+    hlo = ('%a = (bf16[1,8,256,64]{3,1,2,0}, u8[0]{0}) custom-call(%q, %k, %v), custom_call_target="__cudnn$fmhaSoftmax"\n'
+           '%b = (bf16[8,64,64,32]{3,2,1,0}, u8[0]{0}) custom-call(%x, %w), '
+           'custom_call_target="__cudnn$convForward"\n%c = f32[8]{0} custom-call(%z), custom_call_target="other"\n')
+    gib = 2 ** 30
+    r = _report(platform="gpu", hbm_bytes=80 * 10 ** 9, argument_bytes=11 * gib, output_bytes=9 * gib,
+                alias_bytes=9 * gib, temp_bytes=52 * gib)       # 63 GiB of 74.5: 84.6%
+    notes = aot.gpu_compile_only_notes(r, hlo)
+    assert "no cost analysis" in notes[0] and "2 cuDNN custom call(s)" in notes[1]
+    assert "needs 85% of the GPU's memory" in notes[2] and "XLA_PYTHON_CLIENT_MEM_FRACTION=0.87" in notes[2]
+    assert len(aot.gpu_compile_only_notes(_report(platform="gpu", hbm_bytes=80 * 10 ** 9), "")) == 1  # 16 GiB
+    assert len(aot.gpu_compile_only_notes(_report(platform="gpu", hbm_bytes=8 * gib), "")) == 1  # no fit at all
+
+
 def test_register_aot_target_hook():
     calls = []
 
