@@ -394,11 +394,9 @@ def test_gpu_deviceless_cudnn_attention_h100():
 
 
 @needs_cuda_plugin
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "nn/attention.py _cudnn_attention hands JAX a mask of shape (B, 1, 1, S); JAX's cuDNN lowering needs the last "
-    "two dims to be (L, S) ('Bias must have same seq length as QKV, got 1 and S'): hit by the Qwen vision tower's "
-    "full_mask in configs/full/mllm.py and controlnet.py on h100:8. Fix: broadcast mask and bias to (..., L, S)"))
 def test_gpu_deviceless_cudnn_attention_key_padding_mask():
+    """A key-padding mask (B|1, 1, 1, S), as the Qwen vision tower's full_mask: JAX's cuDNN lowering refuses a mask
+    or bias without the full (L, S) ("Bias must have same seq length as QKV"); nn/attention.py broadcasts it."""
     from bifrost_jax.nn.attention import dot_product_attention
 
     b, l, h, d = 8, 256, 8, 64

@@ -129,8 +129,8 @@ def test_cudnn_argument_mapping_mocked(monkeypatch, rng):
 
     def fake(q, k, v, bias=None, mask=None, *, scale=None, is_causal=False, implementation=None, **kw):
         assert implementation == "cudnn"
-        calls.append(dict(mask=None if mask is None else mask.shape, bias=bias is not None, is_causal=is_causal,
-                          k_heads=k.shape[2], scale=scale))
+        calls.append(dict(mask=None if mask is None else mask.shape, bias=None if bias is None else bias.shape,
+                          is_causal=is_causal, k_heads=k.shape[2], scale=scale))
         return real(q, k, v, bias=bias, mask=mask, scale=scale, is_causal=is_causal, implementation="xla")
 
     monkeypatch.setattr(jax.nn, "dot_product_attention", fake)
@@ -138,7 +138,9 @@ def test_cudnn_argument_mapping_mocked(monkeypatch, rng):
     _, bif = _bifrost_mask(2, 8, 3, pads=(3, 0))
     dense = jnp.asarray(rng.random((2, 1, 8, 8)) > 0.4).at[1, 0, 2].set(False)  # one fully masked row
     bias = jnp.asarray(rng.normal(size=(2, 4, 8, 8)), jnp.float32)
-    cases = [dict(mask=AttentionMask(causal=True)), dict(mask=bif), dict(mask=dense), dict(bias=bias, scale=0.2)]
+    key_pad = jnp.arange(8) < 6                                                   # (1, 1, 1, S): a key-padding mask
+    cases = [dict(mask=AttentionMask(causal=True)), dict(mask=bif), dict(mask=dense), dict(bias=bias, scale=0.2),
+             dict(mask=key_pad[None, None, None, :], bias=bias[:, :1, :1])]
     for kwargs in cases:
         ours = dot_product_attention(q, k, v, implementation="cudnn", **kwargs)
         ref = dot_product_attention(q, k, v, implementation="xla", **kwargs)
@@ -146,7 +148,10 @@ def test_cudnn_argument_mapping_mocked(monkeypatch, rng):
     assert calls[0]["is_causal"] and calls[0]["mask"] is None          # causal only: no mask tensor
     assert not calls[1]["is_causal"] and calls[1]["mask"] == (2, 1, 8, 8)
     assert all(c["k_heads"] == 2 for c in calls)                         # GQA passed natively, not repeated
-    assert calls[3]["bias"] and calls[3]["scale"] == 0.2
+    assert calls[3]["bias"] == (2, 4, 8, 8) and calls[3]["scale"] == 0.2
+    # JAX's cuDNN lowering needs the full (L, S) in mask and bias ("Bias must have same seq length as QKV"):
+    # size-1 query dims are broadcast, the leading ones left as given
+    assert calls[4]["mask"] == (1, 1, 8, 8) and calls[4]["bias"] == (2, 1, 8, 8)
     assert np.all(np.asarray(dot_product_attention(q, k, v, mask=dense, implementation="cudnn"))[1, 2] == 0)
 
 

@@ -269,9 +269,13 @@ def _cudnn_attention(q, k, v, mask, bias, scale):
             rows = mask.row_has_key(l, s)
     elif mask is not None:
         dense = mask.astype(bool)
-        rows = jnp.any(dense, axis=-1)  # (B|1, H|1, L)
+        rows = jnp.any(dense, axis=-1)  # (B|1, H|1, L|1)
+    # JAX's cuDNN path wants the full (L, S) in a mask or bias (a key-padding mask (B, 1, 1, S) is refused:
+    # "Bias must have same seq length as QKV"); broadcasting the leading dims is allowed
+    if dense is not None:
+        dense = jnp.broadcast_to(dense, dense.shape[:-2] + (l, s))
     if bias is not None:
-        bias = bias.astype(q.dtype)
+        bias = jnp.broadcast_to(bias.astype(q.dtype), bias.shape[:-2] + (l, s))
     out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=dense, scale=scale, is_causal=is_causal,
                                        implementation="cudnn")
     # cuDNN averages over masked keys on rows that see none; the contract is zeros
