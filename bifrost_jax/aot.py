@@ -500,20 +500,58 @@ def _cost_dict(compiled) -> dict:
 _SENTINEL_CUSTOM_CALLS = ("ConcatBitcast",)
 
 
+def _hlo_computations(hlo: str) -> dict[str, str]:
+    """Computation name -> its text, from an HLO module's text."""
+    comps: dict[str, str] = {}
+    for block in re.split(r"\n(?=\S[^\n]*\{\n)", hlo):
+        m = re.match(r"(?:ENTRY\s+)?%?([\w.\-]+)", block)
+        if m and "{\n" in block:
+            comps[m.group(1)] = block
+    return comps
+
+
+def _conditional_branch_computations(comps: Mapping[str, str]) -> set[str]:
+    """The computations run only under a ``conditional`` (its branches and whatever they call)."""
+    refs = lambda text: re.findall(r"%([\w.\-]+)", text)  # noqa: E731
+    todo = []
+    for text in comps.values():
+        for group in re.findall(r"branch_computations=\{([^}]*)\}", text):
+            todo += refs(group)
+        todo += re.findall(r"(?:true|false)_computation=%([\w.\-]+)", text)
+    seen: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in comps:
+            continue
+        seen.add(name)
+        body = comps[name].split("\n", 1)[-1]
+        todo += [r for r in refs(body) if r in comps]
+    return seen
+
+
 def corrected_optimal_seconds(raw: float, hlo: str) -> tuple[Optional[float], int, str]:
-    """The compiler's step time with the cost model's -1 s sentinels removed: ``raw`` + the number of custom calls
-    the model cannot price (counted in the optimized HLO, each instruction once, as the cost analysis counts them).
-    Returns (seconds or None, sentinels added back, note). None when the result is still not positive: then some
-    other op carries a sentinel and no estimate is better than a wrong one."""
-    n = sum(len(re.findall(r'custom_call_target="%s"' % re.escape(t), hlo)) for t in _SENTINEL_CUSTOM_CALLS)
+    """The compiler's step time with the cost model's -1 s sentinels removed, from the optimized HLO: every
+    sentinel custom call outside a conditional is counted (the cost analysis counts each instruction once) and
+    added back; one inside a conditional's branch counts only if that branch is the one the analysis priced (it
+    takes one branch), which the HLO does not say, so those are added back only as far as the total needs to turn
+    positive. Returns (seconds or None, sentinels added back, note). None when the result is still not positive:
+    some other op carries a sentinel, and no estimate is better than a wrong one."""
+    pattern = "|".join(re.escape(t) for t in _SENTINEL_CUSTOM_CALLS)
+    count = lambda text: len(re.findall(r'custom_call_target="(?:%s)"' % pattern, text))  # noqa: E731
+    total = count(hlo)
+    comps = _hlo_computations(hlo) if total else {}
+    in_branches = sum(count(comps[c]) for c in _conditional_branch_computations(comps)) if total else 0
+    n = total - in_branches
     corrected = raw + n
+    while corrected <= 0 and n < total:
+        n, corrected = n + 1, corrected + 1
     if n and corrected > 0:
         return corrected, n, (f"the compiler's cost model priced {n} {'/'.join(_SENTINEL_CUSTOM_CALLS)} custom "
                               f"call(s) at its -1 s 'unknown' sentinel (optimal_seconds {raw:.4f}); they move no "
                               f"data and are counted as 0 s: estimate {corrected * 1e3:.3f} ms")
     if corrected > 0:
         return corrected, 0, ""
-    if raw == 0 and not n:   # backends without a cost model (CPU) report 0
+    if raw == 0 and not total:   # backends without a cost model (CPU) report 0
         return None, 0, ""
     return None, n, (f"the compiler's cost model returned optimal_seconds={raw:.4f} ({n} known sentinel op(s) "
                      f"added back: {corrected:.4f}); some op has no cost: step time unknown")

@@ -312,6 +312,19 @@ def test_cost_model_sentinel_correction():
     sec, n, note = aot.corrected_optimal_seconds(-3 + 0.5, hlo)     # a third sentinel we cannot attribute
     assert sec is None and n == 2 and "step time unknown" in note
     assert aot.corrected_optimal_seconds(0.0, "") == (None, 0, "")
+    # a sentinel inside a conditional's branch is priced only if the analysis took that branch: added back only
+    # as far as the total needs to turn positive (seen on v6e: the ViT's full/windowed-attention cond)
+    cb = 'custom_call_target="ConcatBitcast"'
+    module = ("%branch_a (p: f32[8]) -> f32[8] {\n  %x = f32[8] custom-call(%p), " + cb + "\n}\n\n"
+              "%branch_b (p: f32[8]) -> f32[8] {\n  ROOT %y = f32[8] negate(%p)\n}\n\n"
+              "ENTRY %main (p: f32[8], i: s32[]) -> f32[8] {\n"
+              "  %a = f32[8] custom-call(%p), " + cb + "\n"
+              "  %b = f32[8] custom-call(%a), " + cb + "\n"
+              "  ROOT %c = f32[8] conditional(%i, %b, %b), branch_computations={%branch_a, %branch_b}\n}\n")
+    sec, n, _ = aot.corrected_optimal_seconds(-2 + 0.02, module)        # the branch's sentinel was not priced
+    assert n == 2 and sec == pytest.approx(0.02)
+    sec, n, _ = aot.corrected_optimal_seconds(-3 + 0.02, module)        # it was
+    assert n == 3 and sec == pytest.approx(0.02)
 
 
 # ------------------------------------------------------------------------------------------------------------------
