@@ -14,7 +14,7 @@ it): per-chip state = (frozen weights + trainable weights, Adam moments and grad
     .venv/bin/python benchmarks/aot_table.py --estimate
     # the compiles (in a venv with the .[tpu] extra, i.e. libtpu), then the markdown table
     PYTHONPATH=. python benchmarks/aot_table.py --run --out /tmp/M_aot --markdown /tmp/M_aot/table.md
-    PYTHONPATH=. python benchmarks/aot_table.py --run --only mllm-v5p64-fsdp --out /tmp/M_aot
+    PYTHONPATH=. python benchmarks/aot_table.py --run --only mllm-v5p64-fsdp-b512-dots --out /tmp/M_aot
     PYTHONPATH=. python benchmarks/aot_table.py --table --out /tmp/M_aot --markdown /tmp/t.md
 
 Ranking: "fastest" is the highest throughput at the compiler's estimated step time (examples/s = global batch /
@@ -65,6 +65,12 @@ class Candidate:
         return math.prod(int(d) for d in dims)
 
     @property
+    def slice_name(self) -> str:
+        """The Cloud TPU accelerator type: v4/v5p count TensorCores (2 per chip), v5e/v6e count chips."""
+        gen = self.topology.split(":")[0]
+        return f"{gen}-{self.chips * (2 if gen in ('v4', 'v5p') else 1)}"
+
+    @property
     def config_file(self) -> str:
         return "configs/full/generate_aot.py" if self.phase == "generate" else f"configs/full/{self.phase}.py"
 
@@ -88,9 +94,9 @@ CANDIDATES = [
     # ---- mllm (Qwen2.5-VL-7B generation branch): 6.5B trainable fp32 (+Adam) + 7.1B frozen fp32 + ViT bf16.
     # Only the 256 image tokens run through the trained branch (the frozen text rows need no backward), so
     # activations are small: the state dominates and remat can go.
-    Candidate("mllm-v5p64-default", "mllm", "v5p:4x4x4", dict(data=1, fsdp=-1, tensor=4), 128, {"mllm": "full"},
+    Candidate("mllm-v5p128-default", "mllm", "v5p:4x4x4", dict(data=1, fsdp=-1, tensor=4), 128, {"mllm": "full"},
               why="configs/full/mllm.py as shipped: 2 per chip"),
-    Candidate("mllm-v5p64-fsdp-noremat", "mllm", "v5p:4x4x4", dict(data=1, fsdp=-1, tensor=1), 128,
+    Candidate("mllm-v5p128-fsdp-noremat", "mllm", "v5p:4x4x4", dict(data=1, fsdp=-1, tensor=1), 128,
               {"mllm": "none"}, why="pure FSDP (no tensor all-reduces for 7B), no recomputation: 3.8 GiB used"),
     Candidate("mllm-v5p8", "mllm", "v5p:2x2x1", dict(data=1, fsdp=-1, tensor=1), 8, {"mllm": "full"},
               why="smallest v5p slice (4 chips): ~33 GiB state+grads per chip by the estimate"),
@@ -98,18 +104,18 @@ CANDIDATES = [
               {"mllm": "none"}, why="v6e pod, the v5p layout"),
     Candidate("mllm-v6e8", "mllm", "v6e:2x4", dict(data=1, fsdp=-1, tensor=1), 8, {"mllm": "full"},
               why="~17 GiB state+grads per chip of 32 GiB: smallest v6e slice by the estimate"),
-    Candidate("mllm-v5p64-fsdp-b512", "mllm", "v5p:4x4x4", dict(data=1, fsdp=-1, tensor=1), 512,
+    Candidate("mllm-v5p128-fsdp-b512", "mllm", "v5p:4x4x4", dict(data=1, fsdp=-1, tensor=1), 512,
               {"mllm": "none"}, why="8 per chip: amortise the per-layer weight all-gathers"),
     # ---- controlnet (stage A): 17.5B frozen bf16 (FLUX, T5-XXL, ViT, CLIP, VAE) + 1.77B trainable ControlNet.
     # The backward runs through the frozen FLUX (activation gradients): its remat decides the activations.
-    Candidate("controlnet-v5p64-default", "controlnet", "v5p:4x4x4", dict(data=1, fsdp=-1, tensor=4), 64,
+    Candidate("controlnet-v5p128-default", "controlnet", "v5p:4x4x4", dict(data=1, fsdp=-1, tensor=4), 64,
               {"controlnet": "full", "flux": "none"}, why="configs/full/controlnet.py as shipped: 1 per chip"),
     Candidate("controlnet-v6e64-default", "controlnet", "v6e:8x8", dict(data=1, fsdp=-1, tensor=4), 64,
               {"controlnet": "full", "flux": "none"}, why="v6e pod, as shipped"),
     Candidate("controlnet-v6e64-fluxremat", "controlnet", "v6e:8x8", dict(data=1, fsdp=-1, tensor=4), 64,
               {"controlnet": "full", "flux": "full"},
               why="v6e pod with the frozen FLUX rematerialised (as shipped: 28 GiB/chip on v5p, near 32 GiB)"),
-    Candidate("controlnet-v5p64-fsdp", "controlnet", "v5p:4x4x4", dict(data=1, fsdp=-1, tensor=1), 64,
+    Candidate("controlnet-v5p128-fsdp", "controlnet", "v5p:4x4x4", dict(data=1, fsdp=-1, tensor=1), 64,
               {"controlnet": "full", "flux": "none"}, why="pure FSDP"),
     Candidate("controlnet-v5p8", "controlnet", "v5p:2x2x1", dict(data=1, fsdp=-1, tensor=1), 4,
               {"controlnet": "full", "flux": "full"}, why="smallest v5p slice (4 chips): ~13 GiB state per chip"),
@@ -118,25 +124,62 @@ CANDIDATES = [
     # ---- session 3: v6e-64 layouts the first pass could not compile or did not try
     Candidate("controlnet-v6e64-fsdp-fluxremat", "controlnet", "v6e:8x8", dict(data=1, fsdp=-1, tensor=1), 64,
               {"controlnet": "full", "flux": "full"},
-              why="pure FSDP (v5p-64: 4% faster than fsdp x tensor) with the frozen FLUX rematerialised: its "
+              why="pure FSDP (v5p-128: 4% faster than fsdp x tensor) with the frozen FLUX rematerialised: its "
                   "activations (50.7 GiB/chip on v5p without remat) cannot fit 32 GiB"),
     Candidate("mllm-v6e64-fsdp-b256", "mllm", "v6e:8x8", dict(data=1, fsdp=-1, tensor=1), 256,
-              {"mllm": "none"}, why="4 per chip: the v5p-64 b512 gain (all-gathers amortised) within 32 GiB"),
+              {"mllm": "none"}, why="4 per chip: the v5p-128 b512 gain (all-gathers amortised) within 32 GiB"),
     # remat "none" keeps every layer's GATHERED weight for the backward (12.6 GiB/chip of bf16 branch weights,
     # tests/test_remat_weights.py); "dots_no_batch" saves the projections' outputs and re-gathers the weights
     Candidate("mllm-v6e64-fsdp-b256-dots", "mllm", "v6e:8x8", dict(data=1, fsdp=-1, tensor=1), 256,
               {"mllm": "dots_no_batch"}, why="b256 without the gathered weights kept for the backward"),
     Candidate("mllm-v6e64-fsdp-b512-dots", "mllm", "v6e:8x8", dict(data=1, fsdp=-1, tensor=1), 512,
               {"mllm": "dots_no_batch"}, why="8 per chip, fits 32 GiB once the weights are re-gathered?"),
-    Candidate("mllm-v5p64-fsdp-b512-dots", "mllm", "v5p:4x4x4", dict(data=1, fsdp=-1, tensor=1), 512,
-              {"mllm": "dots_no_batch"}, why="the fastest v5p-64 layout without the gathered weights kept"),
-    Candidate("mllm-v5p64-fsdp-b1024-dots", "mllm", "v5p:4x4x4", dict(data=1, fsdp=-1, tensor=1), 1024,
+    Candidate("mllm-v6e64-fsdp-b1024-dots", "mllm", "v6e:8x8", dict(data=1, fsdp=-1, tensor=1), 1024,
+              {"mllm": "dots_no_batch"}, why="16 per chip: 8 per chip used 8.8 GiB of 32"),
+    Candidate("mllm-v6e8-dots", "mllm", "v6e:2x4", dict(data=1, fsdp=-1, tensor=1), 8, {"mllm": "dots_no_batch"},
+              why="smallest v6e slice without the full-remat recomputation"),
+    Candidate("mllm-v6e4", "mllm", "v6e:2x2", dict(data=1, fsdp=-1, tensor=1), 4, {"mllm": "full"},
+              why="4 chips: ~28 GiB of state per chip with the frozen LM in bf16: does it still fit 32?"),
+    Candidate("mllm-v5p128-fsdp-b512-dots", "mllm", "v5p:4x4x4", dict(data=1, fsdp=-1, tensor=1), 512,
+              {"mllm": "dots_no_batch"}, why="the fastest v5p-128 layout without the gathered weights kept"),
+    Candidate("mllm-v5p128-fsdp-b1024-dots", "mllm", "v5p:4x4x4", dict(data=1, fsdp=-1, tensor=1), 1024,
               {"mllm": "dots_no_batch"}, why="16 per chip: amortise the all-gathers further"),
+    Candidate("controlnet-v6e64-fsdp-fluxremat-b128", "controlnet", "v6e:8x8", dict(data=1, fsdp=-1, tensor=1),
+              128, {"controlnet": "full", "flux": "full"},
+              why="2 per chip: the b64 row uses 7.8 GiB of 32; amortise the weight all-gathers"),
+    Candidate("controlnet-v6e64-fsdp-fluxremat-b256", "controlnet", "v6e:8x8", dict(data=1, fsdp=-1, tensor=1),
+              256, {"controlnet": "full", "flux": "full"}, why="4 per chip: 2 per chip still used only 7.7 GiB"),
+    # the frozen FLUX with "dots_no_batch": its projections' outputs saved (no FLUX forward recomputed), its
+    # weights re-gathered in the backward instead of kept (policy "none" keeps all 12B gathered on every chip)
+    Candidate("controlnet-v6e64-fsdp-fluxdots", "controlnet", "v6e:8x8", dict(data=1, fsdp=-1, tensor=1), 64,
+              {"controlnet": "full", "flux": "dots_no_batch"}, why="pure FSDP, frozen FLUX re-gathered, not recomputed"),
+    Candidate("controlnet-v5p128-fsdp-fluxdots", "controlnet", "v5p:4x4x4", dict(data=1, fsdp=-1, tensor=1), 64,
+              {"controlnet": "full", "flux": "dots_no_batch"}, why="pure FSDP, frozen FLUX re-gathered, not recomputed"),
+    # ---- v5p-64 proper: Cloud TPU names v5p slices by TensorCores (2 per chip), so v5p-64 = 32 chips = v5p:4x4x2
+    # (v5p:4x4x4 above is a v5p-128); the best layouts of the 64-chip rows, on 32 chips
+    Candidate("mllm-v5p64-fsdp-b256-dots", "mllm", "v5p:4x4x2", dict(data=1, fsdp=-1, tensor=1), 256,
+              {"mllm": "dots_no_batch"}, why="8 per chip"),
+    Candidate("mllm-v5p64-fsdp-b512-dots", "mllm", "v5p:4x4x2", dict(data=1, fsdp=-1, tensor=1), 512,
+              {"mllm": "dots_no_batch"}, why="16 per chip: the fastest per-chip batch on v5p-128"),
+    Candidate("controlnet-v5p64-fsdp-fluxdots", "controlnet", "v5p:4x4x2", dict(data=1, fsdp=-1, tensor=1), 64,
+              {"controlnet": "full", "flux": "dots_no_batch"}, why="2 per chip, frozen FLUX re-gathered"),
+    Candidate("controlnet-v5p64-fsdp-fluxremat-b128", "controlnet", "v5p:4x4x2", dict(data=1, fsdp=-1, tensor=1),
+              128, {"controlnet": "full", "flux": "full"}, why="4 per chip, frozen FLUX recomputed"),
+    Candidate("generate-v5p64-data8", "generate", "v5p:4x4x2", dict(data=8, fsdp=4, tensor=1), 32, {},
+              why="8 replicas of the smallest slice"),
     # ---- generation (one MAR step + one Euler step; batch = images, one per chip)
     Candidate("generate-v5p8", "generate", "v5p:2x2x1", dict(data=1, fsdp=-1, tensor=1), 4, {},
               why="smallest v5p slice: 18 GiB of bf16 weights"),
     Candidate("generate-v6e4", "generate", "v6e:2x2", dict(data=1, fsdp=-1, tensor=1), 4, {},
               why="smallest v6e slice: 18 GiB of bf16 weights over 4 x 32 GiB"),
+    Candidate("generate-v5p128-fsdp", "generate", "v5p:4x4x4", dict(data=1, fsdp=-1, tensor=1), 64, {},
+              why="pod, weights sharded 64 ways: every step all-gathers them"),
+    Candidate("generate-v5p128-data16", "generate", "v5p:4x4x4", dict(data=16, fsdp=4, tensor=1), 64, {},
+              why="pod as 16 replicas of the smallest slice: all-gathers stay within 4 chips"),
+    Candidate("generate-v6e64-data16", "generate", "v6e:8x8", dict(data=16, fsdp=4, tensor=1), 64, {},
+              why="pod as 16 replicas of the smallest slice"),
+    Candidate("generate-v6e64-fsdp", "generate", "v6e:8x8", dict(data=1, fsdp=-1, tensor=1), 64, {},
+              why="pod, weights sharded 64 ways"),
 ]
 
 
@@ -164,9 +207,13 @@ def estimate(phases=("mllm", "controlnet")) -> str:
         phase = get_phase(config)
         shapes = jax.eval_shape(lambda: nn.meta.unbox(phase.init_variables(jax.random.PRNGKey(0))))
         groups: dict = {}
+        frozen_dtype = config.train.get("frozen_param_dtype", "") or ""   # as train/state.StateBuilder stores them
         for k, v in traverse_util.flatten_dict(shapes["params"]).items():
             trainable = phase.is_trainable(tuple(str(p) for p in k))
-            key = (str(k[0]), trainable, str(v.dtype))
+            dtype = str(v.dtype)
+            if not trainable and frozen_dtype and np.issubdtype(v.dtype, np.floating):
+                dtype = frozen_dtype
+            key = (str(k[0]), trainable, dtype)
             groups[key] = groups.get(key, 0) + int(np.prod(v.shape))
         total = 0.0
         for (comp, trainable, dtype), n in sorted(groups.items()):
@@ -271,18 +318,21 @@ def analytic_mfu(c: Candidate, rep: dict) -> tuple[float | None, float | None, f
 
 
 def table(candidates, out_dir: str) -> str:
-    rows = ["| phase | topology (chips) | mesh | global batch (per chip) | remat | per-chip memory GiB (of HBM) | "
+    rows = ["| phase | slice = topology (chips) | mesh | global batch (per chip) | remat | per-chip memory GiB (of HBM) | "
             "fits | est. step s | examples/s | MFU | analytic TFLOP/step/chip (counted / analytic) | compile s | "
             "candidate |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     best: dict = {}
-    for c in candidates:
+    phases = ["mllm", "controlnet", "generate"]
+    order = lambda c: (phases.index(c.phase) if c.phase in phases else len(phases), c.topology.split(":")[0],  # noqa: E731
+                       -c.chips)
+    for c in sorted(candidates, key=order):
         rep, meta = load_result(c, out_dir)
         mesh = ", ".join(f"{k}={v}" for k, v in c.mesh.items())
         if rep is not None:
             mesh = ", ".join(f"{k}={v}" for k, v in rep["mesh_shape"].items() if v > 1)
         remat = ", ".join(f"{k}:{v}" for k, v in c.remat.items())
-        head = (f"| {c.phase} | {c.topology} ({c.chips}) | {mesh} | {c.batch} ({c.batch / c.chips:g})"
+        head = (f"| {c.phase} | {c.slice_name} = {c.topology} ({c.chips}) | {mesh} | {c.batch} ({c.batch / c.chips:g})"
                 + (f" x{c.accum} accum" if c.accum > 1 else "") + f" | {remat} | ")
         if rep is None:
             status = meta["status"] if meta else "not compiled (yet)"
@@ -309,7 +359,7 @@ def table(candidates, out_dir: str) -> str:
         flops_cell = f"{per_chip / 1e12:.1f}" + (f" ({ratio:.2f})" if ratio else "")
         rows.append(head + f"{mem} | {fits} | {timing} | {flops_cell} | {rep['compile_seconds']:.0f} | {c.name} |")
         if rep.get("fits") and eps:
-            key = (c.phase, c.topology)
+            key = (c.phase, c.slice_name)
             if key not in best or eps > best[key][0]:
                 best[key] = (eps, c.name)
     out = "\n".join(rows)

@@ -1,0 +1,49 @@
+"""The full-size configs (configs/full/*.py) load, name only known remat policies, and build the full-size models:
+parameter counts from abstract shapes (``jax.eval_shape``: nothing allocated) against the released models'
+(Qwen2.5-VL-7B: 7.07B language model + 0.68B ViT; FLUX.1-dev 11.90B; T5-XXL encoder 4.76B; CLIP-L text 0.12B)."""
+import os
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+import bifrost_jax.train.phase_configs  # noqa: F401  (registers the phases)
+from bifrost_jax.configs import load_config_file
+from bifrost_jax.nn.stack import REMAT_POLICIES
+from bifrost_jax.train.phases import get_phase
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+
+
+def _counts(name):
+    config = load_config_file(os.path.join(ROOT, "configs", "full", f"{name}.py"))
+    for section in config.values():
+        if hasattr(section, "get") and section.get("remat_policy"):
+            assert section.remat_policy in REMAT_POLICIES, section.remat_policy
+    phase = get_phase(config)
+    shapes = jax.eval_shape(lambda: nn.meta.unbox(phase.init_variables(jax.random.PRNGKey(0))))
+    counts: dict = {}
+    for k, v in traverse_util.flatten_dict(shapes["params"]).items():
+        key = (str(k[0]), bool(phase.is_trainable(tuple(str(p) for p in k))))
+        counts[key] = counts.get(key, 0) + int(np.prod(v.shape))
+    return config, {k: v / 1e9 for k, v in counts.items()}
+
+
+def test_full_mllm_config():
+    config, b = _counts("mllm")
+    assert b[("mllm", False)] == pytest.approx(7.071, abs=0.002)   # frozen Qwen2.5-VL-7B language model
+    assert b[("mllm", True)] == pytest.approx(6.539, abs=0.002)    # the generation branch (+ head, mask token)
+    assert b[("vision", False)] == pytest.approx(0.677, abs=0.002)
+    assert config.mesh.tensor == 1 and config.mllm.remat_policy == "dots_no_batch"
+    assert config.train.frozen_param_dtype == "bfloat16"
+
+
+def test_full_controlnet_config():
+    config, b = _counts("controlnet")
+    assert b[("transformer", False)] == pytest.approx(11.901, abs=0.002)   # FLUX.1-dev, frozen
+    assert b[("t5", False)] == pytest.approx(4.762, abs=0.002)
+    assert b[("clip", False)] == pytest.approx(0.123, abs=0.002)
+    assert b[("controlnet", True)] == pytest.approx(1.771, abs=0.002)      # 4 double + 1 single blocks + upsampler
+    assert not any(trainable for (comp, trainable) in b if comp != "controlnet")
