@@ -112,9 +112,6 @@ CANDIDATES = [
               {"controlnet": "full", "flux": "none"}, why="configs/full/controlnet.py as shipped: 1 per chip"),
     Candidate("controlnet-v6e64-default", "controlnet", "v6e:8x8", dict(data=1, fsdp=-1, tensor=4), 64,
               {"controlnet": "full", "flux": "none"}, why="v6e pod, as shipped"),
-    Candidate("controlnet-v6e64-fluxremat", "controlnet", "v6e:8x8", dict(data=1, fsdp=-1, tensor=4), 64,
-              {"controlnet": "full", "flux": "full"},
-              why="v6e pod with the frozen FLUX rematerialised (as shipped: 28 GiB/chip on v5p, near 32 GiB)"),
     Candidate("controlnet-v5p128-fsdp", "controlnet", "v5p:4x4x4", dict(data=1, fsdp=-1, tensor=1), 64,
               {"controlnet": "full", "flux": "none"}, why="pure FSDP"),
     Candidate("controlnet-v5p8", "controlnet", "v5p:2x2x1", dict(data=1, fsdp=-1, tensor=1), 4,
@@ -147,14 +144,12 @@ CANDIDATES = [
     Candidate("controlnet-v6e64-fsdp-fluxremat-b128", "controlnet", "v6e:8x8", dict(data=1, fsdp=-1, tensor=1),
               128, {"controlnet": "full", "flux": "full"},
               why="2 per chip: the b64 row uses 7.8 GiB of 32; amortise the weight all-gathers"),
-    Candidate("controlnet-v6e64-fsdp-fluxremat-b256", "controlnet", "v6e:8x8", dict(data=1, fsdp=-1, tensor=1),
-              256, {"controlnet": "full", "flux": "full"}, why="4 per chip: 2 per chip still used only 7.7 GiB"),
     # the frozen FLUX with "dots_no_batch": its projections' outputs saved (no FLUX forward recomputed), its
     # weights re-gathered in the backward instead of kept (policy "none" keeps all 12B gathered on every chip)
     Candidate("controlnet-v6e64-fsdp-fluxdots", "controlnet", "v6e:8x8", dict(data=1, fsdp=-1, tensor=1), 64,
               {"controlnet": "full", "flux": "dots_no_batch"}, why="pure FSDP, frozen FLUX re-gathered, not recomputed"),
-    Candidate("controlnet-v5p128-fsdp-fluxdots", "controlnet", "v5p:4x4x4", dict(data=1, fsdp=-1, tensor=1), 64,
-              {"controlnet": "full", "flux": "dots_no_batch"}, why="pure FSDP, frozen FLUX re-gathered, not recomputed"),
+    Candidate("controlnet-v6e64-fsdp-fluxdots-b256", "controlnet", "v6e:8x8", dict(data=1, fsdp=-1, tensor=1), 256,
+              {"controlnet": "full", "flux": "dots_no_batch"}, why="4 per chip: 1 per chip used 8.9 GiB of 32"),
     # ---- v5p-64 proper: Cloud TPU names v5p slices by TensorCores (2 per chip), so v5p-64 = 32 chips = v5p:4x4x2
     # (v5p:4x4x4 above is a v5p-128); the best layouts of the 64-chip rows, on 32 chips
     Candidate("mllm-v5p64-fsdp-b256-dots", "mllm", "v5p:4x4x2", dict(data=1, fsdp=-1, tensor=1), 256,
@@ -163,8 +158,8 @@ CANDIDATES = [
               {"mllm": "dots_no_batch"}, why="16 per chip: the fastest per-chip batch on v5p-128"),
     Candidate("controlnet-v5p64-fsdp-fluxdots", "controlnet", "v5p:4x4x2", dict(data=1, fsdp=-1, tensor=1), 64,
               {"controlnet": "full", "flux": "dots_no_batch"}, why="2 per chip, frozen FLUX re-gathered"),
-    Candidate("controlnet-v5p64-fsdp-fluxremat-b128", "controlnet", "v5p:4x4x2", dict(data=1, fsdp=-1, tensor=1),
-              128, {"controlnet": "full", "flux": "full"}, why="4 per chip, frozen FLUX recomputed"),
+    Candidate("controlnet-v5p64-fsdp-fluxdots-b128", "controlnet", "v5p:4x4x2", dict(data=1, fsdp=-1, tensor=1),
+              128, {"controlnet": "full", "flux": "dots_no_batch"}, why="4 per chip"),
     Candidate("generate-v5p64-data8", "generate", "v5p:4x4x2", dict(data=8, fsdp=4, tensor=1), 32, {},
               why="8 replicas of the smallest slice"),
     # ---- generation (one MAR step + one Euler step; batch = images, one per chip)
@@ -172,10 +167,6 @@ CANDIDATES = [
               why="smallest v5p slice: 18 GiB of bf16 weights"),
     Candidate("generate-v6e4", "generate", "v6e:2x2", dict(data=1, fsdp=-1, tensor=1), 4, {},
               why="smallest v6e slice: 18 GiB of bf16 weights over 4 x 32 GiB"),
-    Candidate("generate-v5p128-fsdp", "generate", "v5p:4x4x4", dict(data=1, fsdp=-1, tensor=1), 64, {},
-              why="pod, weights sharded 64 ways: every step all-gathers them"),
-    Candidate("generate-v5p128-data16", "generate", "v5p:4x4x4", dict(data=16, fsdp=4, tensor=1), 64, {},
-              why="pod as 16 replicas of the smallest slice: all-gathers stay within 4 chips"),
     Candidate("generate-v6e64-data16", "generate", "v6e:8x8", dict(data=16, fsdp=4, tensor=1), 64, {},
               why="pod as 16 replicas of the smallest slice"),
     Candidate("generate-v6e64-fsdp", "generate", "v6e:8x8", dict(data=1, fsdp=-1, tensor=1), 64, {},

@@ -47,3 +47,4 @@ def test_full_controlnet_config():
     assert b[("clip", False)] == pytest.approx(0.123, abs=0.002)
     assert b[("controlnet", True)] == pytest.approx(1.771, abs=0.002)      # 4 double + 1 single blocks + upsampler
     assert not any(trainable for (comp, trainable) in b if comp != "controlnet")
+    assert config.mesh.tensor == 1 and config.flux.remat_policy == "dots_no_batch"
