@@ -21,10 +21,11 @@ def get_config():
                                                   dtype="bfloat16", param_dtype="float32", scan_layers=False,
                                                   remat_policy="full", port_dir="", init_from="", init_step=-1))
     # Pure FSDP; the frozen FLUX under remat "dots_no_batch": its projections' outputs are saved (no FLUX forward
-    # recomputed) and its weights re-gathered in the backward. With "none" the backward keeps every layer's
-    # all-gathered FLUX weight on every chip (v5p-128, fsdp=64: 54 GiB/chip; the fsdp x tensor=4 layout: 28 GiB,
-    # and its v6e-64 compile needed more than a 23 GB host); with "dots_no_batch" v6e-64 runs 1 per chip in
-    # 8.9 GiB at 181 examples/s (AOT table, benchmarks/RESULTS.md). More per chip is faster: raise the batch.
+    # recomputed) and its weights re-gathered in the backward. With "none" the backward also keeps every layer's
+    # all-gathered FLUX weight (22 GiB of bf16 under pure FSDP) and all activations: v5p-128 at fsdp=64, 54 GiB
+    # per chip; fsdp=16 x tensor=4, 28 GiB (its v6e-64 compile needed more than a 23 GB host). With
+    # "dots_no_batch" v6e-64 runs 1 per chip in 8.9 GiB at 181 examples/s (AOT table, benchmarks/RESULTS.md).
+    # More per chip is faster: raise the batch.
     c.mesh.update(data=1, fsdp=-1, tensor=1)
     c.flux.remat_policy = "dots_no_batch"
     c.train.update(batch_size=64)
