@@ -17,7 +17,7 @@ frozen/trainable split, donated state, gradient accumulation):
   own param_dtype).
 
 The simulated device count must be set before jax is imported, so this script sets
-``XLA_FLAGS=--xla_force_host_platform_device_count=N`` itself (``--devices``, default 64 = one v5p-64 / v6e-64 pod,
+``XLA_FLAGS=--xla_force_host_platform_device_count=N`` itself (``--devices``, default 64 = the chips of one v5p-128 / v6e-64 pod,
 so the full-size memory is per device of that mesh). CPU memory analysis is an estimate of the buffer assignment
 of the CPU compiler (no TPU layouts / padding, different fusion), a sanity check next to ``benchmarks/aot_table.py``.
 
