@@ -150,6 +150,22 @@ CANDIDATES = [
               {"controlnet": "full", "flux": "dots_no_batch"}, why="pure FSDP, frozen FLUX re-gathered, not recomputed"),
     Candidate("controlnet-v6e64-fsdp-fluxdots-b256", "controlnet", "v6e:8x8", dict(data=1, fsdp=-1, tensor=1), 256,
               {"controlnet": "full", "flux": "dots_no_batch"}, why="4 per chip: 1 per chip used 8.9 GiB of 32"),
+    # fsdp x tensor=4 with remat full was the fastest layout at 2 per chip once the frozen LM was bf16
+    # (mllm-v5p128-default recompiled in session 3): does it hold with dots_no_batch, and at 8 per chip?
+    Candidate("mllm-v5p128-fsdp-dots", "mllm", "v5p:4x4x4", dict(data=1, fsdp=-1, tensor=1), 128,
+              {"mllm": "dots_no_batch"}, why="the shipped config on v5p-128: 2 per chip"),
+    Candidate("mllm-v5p128-tensor4-b512-dots", "mllm", "v5p:4x4x4", dict(data=1, fsdp=-1, tensor=4), 512,
+              {"mllm": "dots_no_batch"}, why="fsdp=16 x tensor=4 at 8 per chip"),
+    Candidate("mllm-v5p128-tensor4-dots", "mllm", "v5p:4x4x4", dict(data=1, fsdp=-1, tensor=4), 128,
+              {"mllm": "dots_no_batch"}, why="fsdp=16 x tensor=4 at 2 per chip, activations saved"),
+    Candidate("mllm-v6e64-tensor4-dots", "mllm", "v6e:8x8", dict(data=1, fsdp=-1, tensor=4), 128,
+              {"mllm": "dots_no_batch"}, why="fsdp=16 x tensor=4 at 2 per chip, activations saved"),
+    Candidate("mllm-v5p64-tensor4-b512-dots", "mllm", "v5p:4x4x2", dict(data=1, fsdp=-1, tensor=4), 512,
+              {"mllm": "dots_no_batch"}, why="fsdp=8 x tensor=4 at 16 per chip"),
+    Candidate("mllm-v6e64-tensor4-full", "mllm", "v6e:8x8", dict(data=1, fsdp=-1, tensor=4), 128,
+              {"mllm": "full"}, why="the session-1 layout on v6e-64: 2 per chip"),
+    Candidate("mllm-v6e64-tensor4-b1024-dots", "mllm", "v6e:8x8", dict(data=1, fsdp=-1, tensor=4), 1024,
+              {"mllm": "dots_no_batch"}, why="fsdp=16 x tensor=4 at 16 per chip"),
     # ---- v5p-64 proper: Cloud TPU names v5p slices by TensorCores (2 per chip), so v5p-64 = 32 chips = v5p:4x4x2
     # (v5p:4x4x4 above is a v5p-128); the best layouts of the 64-chip rows, on 32 chips
     Candidate("mllm-v5p64-fsdp-b256-dots", "mllm", "v5p:4x4x2", dict(data=1, fsdp=-1, tensor=1), 256,

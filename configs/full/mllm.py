@@ -21,14 +21,14 @@ def get_config():
     c.vision = full_vision_section()
     c.model = ml_collections.ConfigDict(dict(per_example_ratio=False))
     c.data.update(vae_resolution=0, text_dropout=0.0)
-    # Pure FSDP, remat "dots_no_batch": the fastest layouts of the AOT table on v5p-64 and v6e-64
-    # (benchmarks/RESULTS.md). The remat policy saves the projections' outputs (no matmul recomputed) but not the
-    # weights: with "none" the backward keeps every layer's all-gathered weight, the whole bf16 branch (~12.6 GiB)
-    # on every chip (v5p-64 at 8 per chip: 38.8 GiB with "none", 9.5 GiB with "dots_no_batch", 4% slower).
-    # Throughput grows with the per-chip batch (weight all-gathers amortised): v5p-64 at 2 / 8 / 16 per chip
-    # ~490 / 810 / 975 examples/s; v6e-64 at 4 / 8 per chip 700 / 975. The batch is the paper's unknown: 128 here.
-    # On the smallest slices (v5p:2x2x1, v6e:2x4) use --config.mllm.remat_policy=full.
-    c.mesh.update(data=1, fsdp=-1, tensor=1)
+    # FSDP x tensor=4, remat "dots_no_batch": the fastest mllm layout of the AOT table at 2 and 8 per chip, within
+    # 4% of pure FSDP at 16 per chip (benchmarks/RESULTS.md; v5p-128 at 2 per chip: 571 examples/s vs 405 for
+    # pure FSDP). The remat policy saves the projections' outputs (no matmul recomputed) but not the weights: with
+    # "none" the backward keeps every layer's all-gathered weight, the whole bf16 branch (~12.6 GiB under pure
+    # FSDP), on every chip. Throughput grows with the per-chip batch (weight all-gathers amortised): v6e-64 at
+    # 2 / 16 per chip ~560 / ~1200-1260 examples/s. The batch is the paper's unknown: 128 here.
+    # On the smallest slices (v5p:2x2x1, v6e:2x4) use --config.mesh.tensor=1 --config.mllm.remat_policy=full.
+    c.mesh.update(data=1, fsdp=-1, tensor=4)
     c.train.update(batch_size=128)
     # The frozen 7.07B-parameter Qwen language model in bf16 (the released weights' own dtype: nothing is lost)
     # while the trained branch keeps fp32 master weights (mllm.param_dtype): 26.3 -> 13.2 GiB of frozen weights
