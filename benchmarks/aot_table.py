@@ -23,9 +23,9 @@ beside it, computed by this script from the ANALYTIC model FLOPs (``bifrost_jax/
 each candidate's config, so rows compiled before the analytic count existed get it too): analytic FLOPs per chip /
 (estimated step s + the attention FLOPs of uncounted splash kernels at peak) / peak. "counted / analytic" compares
 the compiled program's matmul FLOPs (scans x length) with it: above 1 by remat recomputation, below 1 where splash
-attention kernels (no cost estimate) hide attention from the count. The compiler's estimate is a cost model, not a measurement. The v6e cost model of this libtpu gives no
-step time: those rows show the compute floor (FLOPs / peak, i.e. the step time at 100% MFU) and the throughput
-bound it implies.
+attention kernels (no cost estimate) hide attention from the count. The compiler's estimate is a cost model, not a measurement (on v6e with its
+-1 s sentinels removed: ``bifrost_jax/aot.py:corrected_optimal_seconds``). A row without an estimate shows the
+compute floor (FLOPs / peak, i.e. the step time at 100% MFU) and the throughput bound it implies.
 """
 from __future__ import annotations
 
@@ -302,14 +302,15 @@ def analytic_flops(c: Candidate):
         from bifrost_jax.train.phases import get_phase
 
         overrides = [o[len("--config."):] for o in c.overrides()]
-        config = load_config_file(os.path.join(ROOT, f"configs/full/{c.phase}.py"), overrides)
+        config = load_config_file(os.path.join(ROOT, c.config_file), overrides)
         _ANALYTIC_CACHE[c.name] = get_phase(config).analytic_flops(c.batch)
     return _ANALYTIC_CACHE[c.name]
 
 
 def analytic_mfu(c: Candidate, rep: dict) -> tuple[float | None, float | None, float]:
-    """(MFU from analytic FLOPs at the estimated step time, counted / analytic, analytic TFLOP per chip)."""
-    if c.phase == "generate":   # not a training phase: the report carries the target's analytic count
+    """(MFU from analytic FLOPs at the estimated step time, counted / analytic, analytic TFLOP per chip). Reports
+    carry the target's analytic count; for those compiled before it existed it is recomputed from the config."""
+    if rep.get("analytic_flops"):
         per_chip, attention = rep["analytic_flops"], rep["analytic_attention_flops"]
     else:
         a = analytic_flops(c)
@@ -359,7 +360,7 @@ def table(candidates, out_dir: str) -> str:
         if est and mfu is not None:
             timing = f"{est:.3f} | {eps:.1f} | {100 * mfu:.1f}%"
         else:
-            # no compiler estimate (the v6e cost model gives none): the compute floor, analytic FLOPs / peak
+            # no compiler estimate: the compute floor, analytic FLOPs / peak (the step time at 100% MFU)
             floor = per_chip / rep["peak_flops"] if rep.get("peak_flops") else None
             timing = ("n/a (floor " + f"{floor:.3f})" if floor else "n/a") + " | " + (
                 f"<= {c.batch / floor:.0f}" if floor else "-") + " | n/a"

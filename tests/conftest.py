@@ -26,3 +26,23 @@ def max_rel_err(actual, expected) -> float:
     e = np.asarray(expected, dtype=np.float64)
     assert a.shape == e.shape, f"shape {a.shape} != reference {e.shape}"
     return float(np.max(np.abs(a - e)) / max(np.max(np.abs(e)), 1e-30))
+
+
+def write_sharded_checkpoint(path, tensors, n_shards=2):
+    """``tensors`` as HF-sharded safetensors with an index (the official Bifrost-1 checkpoint's layout)."""
+    import json
+
+    from bifrost_jax.port.base import write_safetensors
+
+    os.makedirs(path, exist_ok=True)
+    keys = sorted(tensors)
+    weight_map = {}
+    for s in range(n_shards):
+        name = f"model-{s + 1:05d}-of-{n_shards:05d}.safetensors"
+        part = keys[s::n_shards]
+        write_safetensors(os.path.join(path, name), {k: tensors[k] for k in part})
+        weight_map.update({k: name for k in part})
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as fh:
+        json.dump({"metadata": {}, "weight_map": weight_map}, fh)
+    with open(os.path.join(path, "config.json"), "w") as fh:
+        json.dump({"architectures": ["MultiModalityCausalLM"]}, fh)

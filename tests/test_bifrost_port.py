@@ -3,16 +3,15 @@
 The official checkpoint is built here from a tiny random transformers Qwen2.5-VL (its saved tensors under
 ``vision_language_model.``) plus the Bifrost-1 additions, their names written out from spec 12.2 (not taken from
 the port's key map), every tensor random so that a mis-mapped weight cannot hide."""
-import json
 import os
 
 import numpy as np
 import pytest
-from conftest import max_rel_err
+from conftest import max_rel_err, write_sharded_checkpoint
 from flax import traverse_util
 
 import bifrost_jax.port as port
-from bifrost_jax.port.base import PortError, SafetensorsReader, write_safetensors
+from bifrost_jax.port.base import PortError, SafetensorsReader
 
 HIDDEN, LAYERS, HEADS, KV, INTER, VOCAB, N = 32, 2, 4, 2, 48, 64, 4
 VLM = "vision_language_model."
@@ -66,22 +65,6 @@ def _branch_tensors(rng):
     return out
 
 
-def _write_sharded(path, tensors, n_shards=2):
-    """HF-sharded safetensors with an index, like the official checkpoint."""
-    os.makedirs(path, exist_ok=True)
-    keys = sorted(tensors)
-    weight_map = {}
-    for s in range(n_shards):
-        name = f"model-{s + 1:05d}-of-{n_shards:05d}.safetensors"
-        part = keys[s::n_shards]
-        write_safetensors(os.path.join(path, name), {k: tensors[k] for k in part})
-        weight_map.update({k: name for k in part})
-    with open(os.path.join(path, "model.safetensors.index.json"), "w") as fh:
-        json.dump({"metadata": {}, "weight_map": weight_map}, fh)
-    with open(os.path.join(path, "config.json"), "w") as fh:
-        json.dump({"architectures": ["MultiModalityCausalLM"]}, fh)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("bifrost_port")
@@ -100,10 +83,10 @@ def setup(tmp_path_factory):
     full.update(branch)
     full["vision_gen_vae_model.encoder.conv_in.weight"] = np.zeros((2, 2), np.float32)  # ignored (spec 11.5)
     full_dir = str(root / "official_full")
-    _write_sharded(full_dir, full)
+    write_sharded_checkpoint(full_dir, full)
     # trained weights only: text, ViT and LM head come from `base`
     trained_dir = str(root / "official_trained")
-    _write_sharded(trained_dir, branch, n_shards=1)
+    write_sharded_checkpoint(trained_dir, branch, n_shards=1)
     return dict(root=root, base=base, torch_base=torch_base, base_sd=base_sd, other_sd=other_sd, branch=branch,
                 full=full, full_dir=full_dir, trained_dir=trained_dir)
 
@@ -200,7 +183,7 @@ def test_port_errors_list_every_bad_key(setup, tmp_path):
     del bad[f"{VLM}model.layers.1.vision_branch_mlp.up_proj.weight"]
     bad[f"{VLM}model.layers.0.self_attn.vision_branch_extra.weight"] = np.zeros((3,), np.float32)
     bad["vision_head.bias"] = np.zeros((HIDDEN + 1,), np.float32)
-    _write_sharded(str(tmp_path / "bad"), bad)
+    write_sharded_checkpoint(str(tmp_path / "bad"), bad)
     with pytest.raises(PortError) as e:
         port.load("bifrost-1", str(tmp_path / "bad"), base=setup["base"])
     msg = str(e.value)
@@ -210,7 +193,7 @@ def test_port_errors_list_every_bad_key(setup, tmp_path):
     # a partial group is an error too (here: one ViT tensor present, the rest missing)
     partial = dict(setup["branch"])
     partial[f"{VLM}visual.merger.ln_q.weight"] = setup["other_sd"]["visual.merger.ln_q.weight"]
-    _write_sharded(str(tmp_path / "partial"), partial, n_shards=1)
+    write_sharded_checkpoint(str(tmp_path / "partial"), partial, n_shards=1)
     with pytest.raises(PortError, match=r"missing keys .*vision_language_model\.visual\.patch_embed\.proj\.weight"):
         port.load("bifrost-1", str(tmp_path / "partial"), base=setup["base"])
     with pytest.raises(ValueError, match="base="):

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import write_sharded_checkpoint
 from flax import traverse_util
 
 from bifrost_jax import cli, port
@@ -224,21 +225,6 @@ def _branch_tensors(text, n, clip_dim, rng):
     return out
 
 
-def _write_official(path, tensors):
-    """HF-sharded safetensors with an index, like the official checkpoint."""
-    os.makedirs(path, exist_ok=True)
-    keys = sorted(tensors)
-    weight_map = {}
-    for s in range(2):
-        name = f"model-{s + 1:05d}-of-00002.safetensors"
-        write_safetensors(os.path.join(path, name), {k: tensors[k] for k in keys[s::2]})
-        weight_map.update({k: name for k in keys[s::2]})
-    with open(os.path.join(path, "model.safetensors.index.json"), "w") as fh:
-        json.dump({"metadata": {}, "weight_map": weight_map}, fh)
-    with open(os.path.join(path, "config.json"), "w") as fh:
-        json.dump({"architectures": ["MultiModalityCausalLM"]}, fh)
-
-
 @pytest.fixture(scope="module")
 def official(tmp_path_factory):
     from bifrost_jax.port.qwen import save_qwen_vl
@@ -260,8 +246,8 @@ def official(tmp_path_factory):
     full.update(branch)
     full["vision_gen_vae_model.encoder.conv_in.weight"] = np.zeros((2, 2), np.float32)  # ignored (spec 11.5)
     full_dir, trained_dir = str(root / "official_full"), str(root / "official_trained")
-    _write_official(full_dir, full)
-    _write_official(trained_dir, branch)
+    write_sharded_checkpoint(full_dir, full)
+    write_sharded_checkpoint(trained_dir, branch)
     return dict(root=root, base=base, base_params=base_params, other_params=other_params, branch=branch,
                 full_dir=full_dir, trained_dir=trained_dir)
 
@@ -322,7 +308,7 @@ def test_mllm_official_errors_name_the_problem(official, tmp_path):
     del tensors[gone]
     tensors[f"{VLM}model.layers.1.vision_branch_mlp.extra.weight"] = np.zeros((2, 2), np.float32)
     bad = str(tmp_path / "bad")
-    _write_official(bad, tensors)
+    write_sharded_checkpoint(bad, tensors)
     with pytest.raises(Exception) as e:
         load_through_phase(cfg("mllm", f"mllm.port_dir={bad}", f"mllm.base_dir={official['base']}"))
     assert gone in str(e.value) and "vision_branch_mlp.extra.weight" in str(e.value), str(e.value)
