@@ -204,7 +204,7 @@ def estimate(phases=("mllm", "controlnet")) -> str:
 
     import bifrost_jax.train.phase_configs  # noqa: F401  (registers the phases)
     from bifrost_jax.configs import load_config_file
-    from bifrost_jax.train.phases import get_phase
+    from bifrost_jax.train.registry import get_phase
 
     lines = ["| phase | component | trainable | dtype | params (B) | bytes per param | GiB |",
              "|---|---|---|---|---|---|---|"]
@@ -299,7 +299,7 @@ def analytic_flops(c: Candidate):
         sys.path.insert(0, ROOT)
         import bifrost_jax.train.phase_configs  # noqa: F401  (registers the phases)
         from bifrost_jax.configs import load_config_file
-        from bifrost_jax.train.phases import get_phase
+        from bifrost_jax.train.registry import get_phase
 
         overrides = [o[len("--config."):] for o in c.overrides()]
         config = load_config_file(os.path.join(ROOT, c.config_file), overrides)

@@ -94,7 +94,7 @@ def time_tiny_phase(name: str, args) -> dict:
     """Build, initialise and time the real jitted train step of ``configs/<name>.py``."""
     from bifrost_jax.parallel.multislice import mesh_from_config
     from bifrost_jax.parallel.rules import axis_rules
-    from bifrost_jax.train.phases import get_phase
+    from bifrost_jax.train.registry import get_phase
     from bifrost_jax.train.state import StateBuilder, global_batch, jit_train_step, make_optimizer, make_train_step
     import bifrost_jax.train.phase_configs  # noqa: F401  (registers the real phases)
 

@@ -51,11 +51,11 @@ def _available(handler) -> bool:
 
 COMMANDS = {
     "train": ("train a phase from a config", _delegate("bifrost_jax.train.loop", "main")),
-    "generate": ("generate images from prompts", _delegate("bifrost_jax.sample.pipeline", "main")),
+    "generate": ("generate images from prompts", _delegate("bifrost_jax.sample.cli", "main")),
     "eval": ("sharded evaluation: geneval | reconstruction | shapes", _delegate("bifrost_jax.eval.run", "main")),
     "port": ("port a PyTorch checkpoint into an Orbax checkpoint", _cmd_port),
     "cache-latents": ("precompute a phase's CLIP latents (frozen vision tower) for data.precomputed_clip_latents",
-                      _delegate("bifrost_jax.data.latent_cache", "main")),
+                      _delegate("bifrost_jax.train.cache_latents", "main")),
     "aot": ("compile a phase ahead of time for a TPU topology", _delegate("bifrost_jax.aot", "main")),
     "demo": ("the embedded default, end to end on CPU", _delegate("bifrost_jax.demo", "main")),
 }

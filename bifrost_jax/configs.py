@@ -66,6 +66,11 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def config_dict(cfg) -> dict:
+    """A plain dict of a ConfigDict section (or of a mapping)."""
+    return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+
+
 def load_config_file(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """Load ``get_config()`` from a Python file and apply ``key=value`` overrides (without the ``--config.``
     prefix). For programmatic use and tests; the command line goes through :func:`parse_config_flags`."""

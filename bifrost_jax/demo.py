@@ -27,7 +27,27 @@ import sys
 import time
 from typing import Any, Sequence
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
+from flax import traverse_util
+
+from bifrost_jax.configs import load_config_file
+from bifrost_jax.configs import parse_config_flags
+from bifrost_jax.data.preprocess import crop_box, decode_image, resize_crop
+from bifrost_jax.data.prompt import load_tokenizer
+from bifrost_jax.data.shapes import ShapesOptions, make_example, parse_caption
+from bifrost_jax.data.sources import word_tokenizer_dir
+from bifrost_jax.data.tokenizers import PaddedTokenizer
+from bifrost_jax.eval.shapes_checker import evaluate
+from bifrost_jax.sample.pipeline import BifrostPipeline, FluxTextEncoder, SamplingOptions
+from bifrost_jax.sample.images import make_grid, save_png
+from bifrost_jax.train import checkpoint as ckpt
+from bifrost_jax.train.flux_phases import ControlNetPhase
+from bifrost_jax.train.loop import train
+from bifrost_jax.train.mllm_phase import MllmPhase
 
 PHASE_ORDER = ("vae", "flux", "controlnet", "mllm")
 # phase -> the phases whose checkpoints it starts from (a forced phase forces its dependents)
@@ -41,7 +61,6 @@ DEFAULT_CONFIG = os.path.join(ROOT, "configs", "demo.py")
 
 def _set(cfg, dotted: str, value) -> None:
     """Set an EXISTING key of a phase config (a key the phase config lacks means the two drifted apart)."""
-    import ml_collections
 
     *parents, leaf = dotted.split(".")
     node = cfg
@@ -57,7 +76,6 @@ def _set(cfg, dotted: str, value) -> None:
 
 def phase_configs(demo, workdir: str, *, fast: bool = False) -> dict[str, Any]:
     """``{phase: config}``: ``configs/<phase>.py`` with the demo's sizes, schedule, data and mesh."""
-    from bifrost_jax.configs import load_config_file
 
     workdir = os.path.abspath(workdir)
     m = demo.models
@@ -149,8 +167,6 @@ def phases_to_force(force: Sequence[str]) -> set[str]:
 
 def run_phases(configs: dict, workdir: str, *, force: Sequence[str] = (), progress_bar: bool = True) -> dict:
     """Train every phase not yet finished; returns ``{phase: {"status", "seconds", "steps", "last_metrics"}}``."""
-    from bifrost_jax.train import bifrost_phases  # noqa: F401  (registers the phases)
-    from bifrost_jax.train.loop import train
 
     forced = phases_to_force(force)
     records_path = os.path.join(os.path.abspath(workdir), "demo", "phases.json")
@@ -215,10 +231,7 @@ def _write_json(path, obj):
 def _restore(path: str, wanted: dict) -> dict:
     """Flat ``{path: array}`` of the ``wanted`` variables (flat ``{path: array-like}``) from a phase checkpoint,
     which must hold exactly them (strict both ways)."""
-    import jax
-    from flax import traverse_util
 
-    from bifrost_jax.train import checkpoint as ckpt
 
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = traverse_util.unflatten_dict({k: jax.ShapeDtypeStruct(np.shape(v), v.dtype, sharding=device)
@@ -230,14 +243,7 @@ def _restore(path: str, wanted: dict) -> dict:
 def load_pipeline(configs: dict, workdir: str, generate=None):
     """A ``BifrostPipeline`` of the trained demo: trained weights from the four phase checkpoints, frozen ones
     rebuilt from the fixed keys the phases initialised them with."""
-    import flax.linen as nn
-    import jax
-    from flax import traverse_util
 
-    from bifrost_jax.data.prompt import load_tokenizer
-    from bifrost_jax.sample.pipeline import BifrostPipeline, FluxTextEncoder, SamplingOptions
-    from bifrost_jax.train.bifrost_phases import ControlNetPhase, MllmPhase, word_tokenizer_dir
-    from bifrost_jax.train.text_conditioning import PaddedTokenizer
 
     cn_cfg, mllm_cfg = configs["controlnet"], configs["mllm"]
     cn, mp = ControlNetPhase(cn_cfg), MllmPhase(mllm_cfg)
@@ -290,8 +296,6 @@ class HeldOut:
 def held_out_prompts(demo, num_prompts: int, *, out_resolution: int, vit_resolution: int) -> HeldOut:
     """The first ``num_prompts`` scenes of the shapes ``test`` split (a pure function of the options: no build),
     with their ground-truth images cut exactly like the training views."""
-    from bifrost_jax.data.preprocess import crop_box, decode_image, resize_crop
-    from bifrost_jax.data.shapes import ShapesOptions, make_example, parse_caption
 
     options = ShapesOptions(resolution=int(demo.data.image_resolution), train_size=int(demo.data.train_size),
                             validation_size=0, test_size=num_prompts, seed=int(demo.data.shapes_seed),
@@ -309,7 +313,6 @@ def held_out_prompts(demo, num_prompts: int, *, out_resolution: int, vit_resolut
 
 
 def _block(x):
-    import jax
     return jax.block_until_ready(x)
 
 
@@ -318,8 +321,6 @@ def staged_generate(pipe, prompts: Sequence[str], *, seed: int, mar_steps: int |
     """``pipe.generate`` (one image per prompt, every prompt re-seeded with ``seed``) split into its two stages
     and timed: returns ``(images uint8, seconds_mllm, seconds_diffusion)``. ``clip_latents`` (P, N, C) skips the
     MLLM stage (FLUX alone passes zeros with ``conditioning_scale=0``)."""
-    import jax
-    import jax.numpy as jnp
 
     o = pipe.options
     keys = jnp.stack([jax.random.PRNGKey(int(seed))] * len(prompts))
@@ -357,7 +358,6 @@ def generate_batched(pipe, prompts, batch: int, **kw):
 
 
 def score(images, specs):
-    from bifrost_jax.eval.shapes_checker import evaluate
     return evaluate(list(images), specs)
 
 
@@ -367,7 +367,6 @@ def _upscale(images: np.ndarray, factor: int) -> np.ndarray:
 
 def evaluate_demo(demo, configs: dict, workdir: str, *, num_prompts: int | None = None) -> dict:
     """Generate for held-out prompts, score every variant, write the grid; returns the report dict."""
-    from bifrost_jax.sample.pipeline import make_grid, save_png
 
     g = demo.generate
     out_dir = os.path.join(os.path.abspath(workdir), "demo")
@@ -482,7 +481,6 @@ def format_summary(report: dict, phases: dict, workdir: str, *, total_seconds: f
 # command line
 
 def load_demo_config(argv_config: Sequence[str]):
-    from bifrost_jax.configs import parse_config_flags
 
     args = list(argv_config)
     if not any(a == "--config" or a.startswith("--config=") for a in args):

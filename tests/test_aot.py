@@ -139,7 +139,7 @@ def test_compile_for_cpu_topology_real():
 
 def test_cli_toy_train_step_on_cpu_topology(capsys, tmp_path):
     out_json = tmp_path / "r.json"
-    rc = aot.main(["--config", os.path.join(ROOT, "configs/toy.py"), "--topology", "cpu:8", "--hbm_gib", "1",
+    rc = aot.main(["--config", os.path.join(ROOT, "configs/toy.py"), "--topology", "cpu:8", "--hbm-gib", "1",
                    "--json", str(out_json), "--hlo", str(tmp_path / "step.hlo")])
     text = capsys.readouterr().out
     assert rc == 0, text
@@ -148,7 +148,7 @@ def test_cli_toy_train_step_on_cpu_topology(capsys, tmp_path):
     hlo = (tmp_path / "step.hlo").read_text()   # the partitioned program: 8-way, with its collectives
     assert "ENTRY" in hlo and "num_partitions=8" in hlo and re.search(r"all-reduce|all-gather|reduce-scatter", hlo)
     # the same step cannot fit 1 KiB per device: exit 1 with the reason
-    rc = aot.main(["--config", os.path.join(ROOT, "configs/toy.py"), "--topology", "cpu:8", "--hbm_gib", "1e-6"])
+    rc = aot.main(["--config", os.path.join(ROOT, "configs/toy.py"), "--topology", "cpu:8", "--hbm-gib", "1e-6"])
     captured = capsys.readouterr()
     assert rc == 1 and "DOES NOT FIT" in captured.out and "does not fit" in captured.err
 
@@ -485,7 +485,7 @@ def test_tpu_toy_train_step_and_multislice(capsys):
         raise
     text = capsys.readouterr().out
     assert rc == 0 and "TPU v5" in text and "FITS" in text
-    rc = aot.main(["--config", cfg, "--topology", "v5p:2x2x1", "--num_slices", "2",
+    rc = aot.main(["--config", cfg, "--topology", "v5p:2x2x1", "--num-slices", "2",
                    "--config.mesh.data=1", "--config.mesh.fsdp=-1"])
     assert rc == 0
 

@@ -114,7 +114,8 @@ def test_changed_config_is_refused(first_run):
 
 def test_phase_configs_align_the_grids():
     """The demo config's sizes chain: ViT grid -> upsampled = FLUX token grid, MLLM grid = ViT grid."""
-    from bifrost_jax.train.bifrost_phases import ControlNetPhase, MllmPhase
+    from bifrost_jax.train.flux_phases import ControlNetPhase
+from bifrost_jax.train.mllm_phase import MllmPhase
 
     configs = demo.phase_configs(demo.load_demo_config([]), "/nonexistent-demo-workdir")
     cn, mllm = ControlNetPhase(configs["controlnet"]), MllmPhase(configs["mllm"])

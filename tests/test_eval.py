@@ -189,7 +189,7 @@ def test_reconstruction_eval_on_a_folder(tmp_path):
     assert result["num_images"] == 5 and result["fid"] is None and "skipped" in result["fid_note"]
     # the aggregate equals the per-image metrics of reconstructions made directly with the same pipeline
     from bifrost_jax.configs import load_config_file
-    from bifrost_jax.sample.pipeline import build_pipeline
+    from bifrost_jax.sample.build import build_pipeline
     pipe = build_pipeline(load_config_file(TINY))
     prep = reconstruction.make_preprocess(pipe.vision_size, pipe.image_size)
     items = [prep(e, None) for e in reconstruction.folder_source(str(data))]

@@ -28,11 +28,10 @@ from jax.sharding import Mesh
 
 from bifrost_jax import aot
 from bifrost_jax.configs import load_config_file
-from bifrost_jax.parallel import flops as F
+from bifrost_jax.models import flops as F
 from bifrost_jax.parallel.rules import axis_rules
-from bifrost_jax.train import bifrost_phases  # noqa: F401  (registers the phases)
 from bifrost_jax.train import logging as tlog
-from bifrost_jax.train.phases import get_phase
+from bifrost_jax.train.registry import get_phase
 from bifrost_jax.train.state import StateBuilder, compiled_flops, jit_train_step, make_optimizer, make_train_step
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -172,7 +171,7 @@ def test_train_loop_logs_flops_and_mfu(tmp_path, monkeypatch):
 
 def test_aot_report_prints_analytic_cross_check(capsys):
     """`bifrost aot` on the toy step (CPU topology): the analytic count beside the counted one, with the ratio."""
-    rc = aot.main(["--config", os.path.join(ROOT, "configs/toy.py"), "--topology", "cpu:8", "--hbm_gib", "1"])
+    rc = aot.main(["--config", os.path.join(ROOT, "configs/toy.py"), "--topology", "cpu:8", "--hbm-gib", "1"])
     text = capsys.readouterr().out
     assert rc == 0, text
     assert "FLOPs (analytic model count)" in text and "(counted / analytic = 1.000)" in text

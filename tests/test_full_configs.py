@@ -12,7 +12,7 @@ from flax import traverse_util
 import bifrost_jax.train.phase_configs  # noqa: F401  (registers the phases)
 from bifrost_jax.configs import load_config_file
 from bifrost_jax.nn.stack import REMAT_POLICIES
-from bifrost_jax.train.phases import get_phase
+from bifrost_jax.train.registry import get_phase
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 

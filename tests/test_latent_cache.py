@@ -17,10 +17,11 @@ import pytest
 
 from bifrost_jax import cli
 from bifrost_jax.configs import load_config_file
-from bifrost_jax.data.latent_cache import build_clip_cache, sidecar_path
-from bifrost_jax.train import bifrost_phases  # noqa: F401  (registers the phases)
-from bifrost_jax.train.bifrost_phases import clip_latents_from_pixels, image_source, make_image_preprocess
-from bifrost_jax.train.phases import get_phase
+from bifrost_jax.data.latent_cache import sidecar_path
+from bifrost_jax.train.cache_latents import build_clip_cache
+from bifrost_jax.components import clip_latents_from_pixels
+from bifrost_jax.data.sources import image_source, make_image_preprocess
+from bifrost_jax.train.registry import get_phase
 from bifrost_jax.train.state import split_params
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -39,7 +40,7 @@ def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("latent_cache")
     data_dir, out = str(root / "data"), str(root / "cache" / "clip.npy")
     rc = cli.main(["cache-latents", "--config", os.path.join(ROOT, "configs", "controlnet.py"), "--out", out,
-                   "--batch_size=8", f"--config.data.data_dir={data_dir}", f"--config.data.train_size={N_IMAGES}"])
+                   "--batch-size=8", f"--config.data.data_dir={data_dir}", f"--config.data.train_size={N_IMAGES}"])
     assert rc == 0
     return dict(root=root, data=data_dir, out=out)
 

@@ -27,9 +27,8 @@ from bifrost_jax.configs import load_config_file
 from bifrost_jax.parallel.mesh import make_mesh
 from bifrost_jax.port.base import SafetensorsReader, write_safetensors
 from bifrost_jax.port.orbax_io import save_ported
-from bifrost_jax.train import bifrost_phases  # noqa: F401  (registers the phases)
 from bifrost_jax.train.loop import pretrained_overrides
-from bifrost_jax.train.phases import get_phase
+from bifrost_jax.train.registry import get_phase
 from bifrost_jax.train.state import StateBuilder, make_optimizer, merge_params
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")

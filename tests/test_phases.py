@@ -23,9 +23,8 @@ from bifrost_jax.models.flux.vae import latent_image_ids, pack_latents
 from bifrost_jax.parallel.mesh import make_mesh
 from bifrost_jax.parallel.rules import axis_rules
 from bifrost_jax.sample.flow import sample_training_sigmas
-from bifrost_jax.train import bifrost_phases  # noqa: F401  (registers the phases)
 from bifrost_jax.train.loop import initial_state, train
-from bifrost_jax.train.phases import get_phase
+from bifrost_jax.train.registry import get_phase
 from bifrost_jax.train.state import (StateBuilder, global_batch, jit_train_step, make_optimizer, make_train_step,
                                      merge_params, split_params)
 

@@ -13,6 +13,9 @@ import pytest
 from conftest import max_rel_err
 from PIL import Image
 
+import bifrost_jax.sample.build as B
+import bifrost_jax.sample.cli as C
+import bifrost_jax.sample.images as I
 import bifrost_jax.sample.pipeline as P
 from bifrost_jax.configs import load_config_file
 from bifrost_jax.data.prompt import build_t2i_prompt, build_uncond_prompt
@@ -28,7 +31,7 @@ K = 2  # images per prompt (the tiny config's default)
 
 @pytest.fixture(scope="module")
 def pipe():
-    return P.build_pipeline(load_config_file(TINY))
+    return B.build_pipeline(load_config_file(TINY))
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +178,7 @@ def test_mllm_cfg_one_skips_uncond(pipe, monkeypatch):
 
 def test_sharded_equals_unsharded(pipe, generated):
     mesh = make_mesh({"data": 2, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:2])
-    sharded = P.build_pipeline(load_config_file(TINY), mesh=mesh)  # variables placed on the mesh
+    sharded = B.build_pipeline(load_config_file(TINY), mesh=mesh)  # variables placed on the mesh
     assert sharded._batch_shards() == 2
     images, latents = sharded.generate(PROMPTS, seed=1, return_latents=True)
     assert max_rel_err(latents, generated[1]) <= 1e-4
@@ -194,12 +197,12 @@ def test_reconstruct(pipe, generated):
     # the output depends on the input image (through the ViT latents and the ControlNet)
     lat = np.asarray(pipe.clip_latents_of(real))
     assert lat.shape == (4, 24, 32) and max_rel_err(lat[0], lat[1]) > 1e-3
-    assert P.fit_images(real, pipe.vision_size).shape == (4, 112, 168, 3)
+    assert I.fit_images(real, pipe.vision_size).shape == (4, 112, 168, 3)
 
 
 def test_main_writes_pngs_grid_and_config(tmp_path):
     out = tmp_path / "gen"
-    code = P.main(["--config", TINY, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--num-images", "2",
+    code = C.main(["--config", TINY, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--num-images", "2",
                    "--seed", "5", "--out", str(out), "--batch-size", "2", "--config.sample.flux_steps=3"])
     assert code == 0
     pngs = sorted(p for p in os.listdir(out) if p.endswith(".png") and p != "grid.png")
@@ -214,7 +217,7 @@ def test_main_writes_pngs_grid_and_config(tmp_path):
     assert record["config"]["sample"]["flux_steps"] == 3
     assert (out / "seed.txt").read_text().strip() == "5"
     with pytest.raises(ValueError, match="no_such_key"):
-        P.main(["--config", TINY, "--prompt", "x", "--out", str(out), "--config.no_such_key=1"])
+        C.main(["--config", TINY, "--prompt", "x", "--out", str(out), "--config.no_such_key=1"])
 
 
 def test_build_from_orbax_port_and_phase_checkpoint(pipe, tmp_path):
@@ -236,7 +239,7 @@ def test_build_from_orbax_port_and_phase_checkpoint(pipe, tmp_path):
         ckptr.wait_until_finished()
     overrides = ["vae.source=orbax", f"vae.path={tmp_path / 'vae_port'}", "controlnet.phase=controlnet",
                  "controlnet.phase_subtree=controlnet"]
-    built = P.build_pipeline(load_config_file(TINY, overrides), str(tmp_path / "work"))
+    built = B.build_pipeline(load_config_file(TINY, overrides), str(tmp_path / "work"))
     for got, want in ((built.vae_variables, vae_vars), (built.controlnet_variables, cn)):
         flat_got, flat_want = jax.tree_util.tree_leaves_with_path(got), jax.tree_util.tree_leaves_with_path(want)
         assert [p for p, _ in flat_got] == [p for p, _ in flat_want]
@@ -245,15 +248,15 @@ def test_build_from_orbax_port_and_phase_checkpoint(pipe, tmp_path):
     # a PyTorch-format directory through bifrost_jax.port (here one written by our own exporter)
     from bifrost_jax import port
     port.save("flux-vae", pipe.vae, vae_vars, str(tmp_path / "vae_diffusers"))
-    ported = P.build_pipeline(load_config_file(TINY, ["vae.source=port", f"vae.path={tmp_path / 'vae_diffusers'}"]))
+    ported = B.build_pipeline(load_config_file(TINY, ["vae.source=port", f"vae.path={tmp_path / 'vae_diffusers'}"]))
     assert ported.vae.config == pipe.vae.config
     np.testing.assert_allclose(ported.vae_variables["params"]["decoder"]["conv_out"]["kernel"],
                                vae_vars["params"]["decoder"]["conv_out"]["kernel"], rtol=1e-6)
     # without the WORKDIR the configured (random) weights stay
-    plain = P.build_pipeline(load_config_file(TINY, overrides[:2]))
+    plain = B.build_pipeline(load_config_file(TINY, overrides[:2]))
     np.testing.assert_array_equal(plain.controlnet_variables["params"]["x_embedder"]["kernel"],
                                   pipe.controlnet_variables["params"]["x_embedder"]["kernel"])
     # strict phase source: a checkpoint without the component's weights is an error naming them
     with pytest.raises(CheckpointMismatchError, match="transformer_blocks_0"):
-        P.build_pipeline(load_config_file(TINY, ["transformer.source=phase", "transformer.phase=controlnet"]),
+        B.build_pipeline(load_config_file(TINY, ["transformer.source=phase", "transformer.phase=controlnet"]),
                          str(tmp_path / "work"))

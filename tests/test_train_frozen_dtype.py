@@ -16,9 +16,8 @@ from flax import traverse_util
 
 from bifrost_jax.configs import load_config_file
 from bifrost_jax.parallel.multislice import mesh_from_config
-from bifrost_jax.train import bifrost_phases  # noqa: F401  (registers the phases)
 from bifrost_jax.train.loop import _override, train
-from bifrost_jax.train.phases import get_phase
+from bifrost_jax.train.registry import get_phase
 from bifrost_jax.train.state import StateBuilder, cast_floating, frozen_param_dtype, make_optimizer
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")

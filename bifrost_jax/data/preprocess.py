@@ -134,7 +134,7 @@ def make_views(image: Image.Image, config: ViewConfig, rng: np.random.Generator 
     return views
 
 
-def _as_text(value: Any) -> str:
+def as_text(value: Any) -> str:
     if isinstance(value, np.ndarray):
         value = value.item()
     if isinstance(value, (bytes, np.bytes_)):
@@ -146,7 +146,7 @@ def element_name(element: Mapping[str, Any]) -> str:
     """A human-readable id of a source element for log lines ("file_name" or "id" if present)."""
     for key in ("file_name", "id"):
         if key in element:
-            return _as_text(element[key])
+            return as_text(element[key])
     return ""
 
 
@@ -163,7 +163,7 @@ def make_preprocess_fn(config: ViewConfig, *,
     def preprocess(element: Mapping[str, Any], rng: np.random.Generator) -> dict:
         image = decode_image(element["image"], name=element_name(element))
         out = make_views(image, config, rng)
-        out["caption"] = _as_text(element.get("caption", ""))
+        out["caption"] = as_text(element.get("caption", ""))
         for key in keep:
             if key not in element:
                 raise KeyError(f"preprocess keep={tuple(keep)}: element has no field {key!r} "

@@ -25,7 +25,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from bifrost_jax.sample.pipeline import make_grid, save_png
+from bifrost_jax.sample.images import make_grid, save_png
 
 GenerateFn = Callable[[Sequence[str], int, int], np.ndarray]  # (prompts, num_images, seed) -> uint8 (P*K, H, W, 3)
 LOG_DIR = ".geneval_log"

@@ -229,7 +229,7 @@ def folder_source(directory: str) -> list[dict]:
 def make_preprocess(vision_size: Sequence[int], image_size: Sequence[int]):
     """Element -> {"vit_pixels", "target", "caption"}: the centred crop of each view's aspect ratio, bicubic."""
     from bifrost_jax.data.preprocess import decode_image, element_name
-    from bifrost_jax.sample.pipeline import fit_images
+    from bifrost_jax.sample.images import fit_images
 
     def preprocess(element, rng):
         del rng

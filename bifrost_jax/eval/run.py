@@ -52,7 +52,7 @@ def evaluate_shapes(generate_fn: Callable[[Sequence[str], int, int], np.ndarray]
     """Generate ``num_images`` per prompt (prompts dealt round-robin to the hosts, batches padded to one static
     shape), score every image with the checker, all-reduce the per-attribute counts; chance levels from ``specs``."""
     from bifrost_jax.eval.reconstruction import all_reduce_sum
-    from bifrost_jax.sample.pipeline import save_png
+    from bifrost_jax.sample.images import save_png
 
     mine = list(range(process_index, len(captions), process_count))
     totals = np.zeros((len(ATTRIBUTES), 2), np.int64)  # hits, applicable
@@ -159,7 +159,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import jax
 
     from bifrost_jax.configs import parse_config_flags
-    from bifrost_jax.sample.pipeline import build_pipeline
+    from bifrost_jax.sample.build import build_pipeline
 
     config, _ = parse_config_flags(rest)
     pipe = build_pipeline(config, args.checkpoint)

@@ -76,3 +76,11 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     if local_device_ids is not None:
         kwargs["local_device_ids"] = list(local_device_ids)
     jax.distributed.initialize(**kwargs)
+
+
+def maybe_initialize_distributed() -> bool:
+    """Join the multi-host run when ``BIFROST_COORDINATOR`` or ``BIFROST_DISTRIBUTED=1`` says there is one."""
+    if os.environ.get("BIFROST_COORDINATOR") or os.environ.get("BIFROST_DISTRIBUTED") == "1":
+        initialize_distributed()
+        return True
+    return False

@@ -60,7 +60,7 @@ def vae_key_map(expected_params, available_shapes=None) -> KeyMap:
     return out
 
 
-def _vae_dir(path: str) -> str:
+def vae_dir(path: str) -> str:
     # Accept the VAE folder itself or a pipeline root holding "vae/" (e.g. FLUX.1-dev).
     if not os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "vae")):
         return os.path.join(path, "vae")
@@ -77,7 +77,7 @@ def load_fn(path: str, *, dtype=jnp.float32, mesh=None, compute_dtype=None, **co
     """(AutoencoderKL, {"params": ...}) from a diffusers ``AutoencoderKL`` directory (config.json +
     diffusion_pytorch_model*.safetensors), or a pipeline root with a ``vae/`` folder. ``dtype``: parameters;
     ``compute_dtype`` (default ``dtype``); ``config_overrides``: e.g. ``remat_policy="full"``."""
-    path = _vae_dir(path)
+    path = vae_dir(path)
     config = AutoencoderKLConfig.from_hf_config(read_json(os.path.join(path, "config.json")), **config_overrides)
     module = AutoencoderKL(config, dtype=compute_dtype or dtype, param_dtype=dtype)
     shapes, specs = _abstract(module)

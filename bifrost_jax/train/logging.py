@@ -11,7 +11,7 @@ and on every log line:
 * ``model_flops_per_step``: XLA's cost analysis of the compiled step, per device x devices (all devices, one step).
   It counts elementwise work and remat recomputation too, but a while-loop body (scanned layers, gradient
   accumulation) only ONCE, so it undercounts scanned models by about their depth;
-* ``analytic_flops_per_step``: ``Phase.analytic_flops`` (``bifrost_jax.parallel.flops``): matmuls + attention of
+* ``analytic_flops_per_step``: ``Phase.analytic_flops`` (``bifrost_jax.models.flops``): matmuls + attention of
   every module, x3 / x2 / x1 by how the step runs it, no remat recomputation: the "model FLOPs" of MFU;
 * ``mfu`` = analytic FLOPs per step / (step time x devices x peak bf16 FLOP/s per device), only where a peak is
   known: ``BIFROST_PEAK_TFLOPS`` (env, per device), else ``config.train.peak_tflops_per_device`` (> 0), else the

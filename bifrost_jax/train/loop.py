@@ -35,12 +35,12 @@ from flax import traverse_util
 
 from bifrost_jax.configs import parse_config_flags
 from bifrost_jax.data.pipeline import iterator_state, restore_iterator
-from bifrost_jax.parallel.mesh import initialize_distributed
+from bifrost_jax.parallel.mesh import maybe_initialize_distributed
 from bifrost_jax.parallel.multislice import mesh_from_config
 from bifrost_jax.parallel.rules import axis_rules
 from bifrost_jax.train import checkpoint as ckpt
 from bifrost_jax.train.logging import MetricsLogger, step_flops
-from bifrost_jax.train.phases import get_phase
+from bifrost_jax.train.registry import get_phase
 from bifrost_jax.train.state import (StateBuilder, TrainState, global_batch, jit_train_step, make_optimizer,
                                      make_train_step, merge_params)
 
@@ -66,13 +66,6 @@ def parse_train_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, st
     if not extra["workdir"]:
         raise ValueError("missing --workdir DIR (checkpoints and logs go to DIR/<phase>/)")
     return config, extra["workdir"]
-
-
-def maybe_initialize_distributed() -> bool:
-    if os.environ.get("BIFROST_COORDINATOR") or os.environ.get("BIFROST_DISTRIBUTED") == "1":
-        initialize_distributed()
-        return True
-    return False
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,14 +15,6 @@ from __future__ import annotations
 import ml_collections
 
 from bifrost_jax.configs import base_config
-from bifrost_jax.train.phases import PHASES
-
-# The phases by name (strings: nothing heavy is imported). Loading any of these configs makes them known to
-# `bifrost train` even before PHASES itself lists them.
-for _name, _cls in (("controlnet", "ControlNetPhase"), ("mllm", "MllmPhase"), ("flux", "FluxPhase"),
-                    ("vae", "VaePhase")):
-    PHASES.setdefault(_name, f"bifrost_jax.train.bifrost_phases:{_cls}")
-
 
 def _section(config: dict, *, dtype="float32", param_dtype="float32", scan_layers=False, remat_policy="none",
              port_dir="", init_from="", **extra) -> ml_collections.ConfigDict:

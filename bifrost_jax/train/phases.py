@@ -19,20 +19,20 @@ The loop (``train/loop.py``) knows nothing about models. A phase provides:
   ``bifrost_jax.data.pipeline.make_train_iterator``; the loop checkpoints it with ``iterator_state`` /
   ``restore_iterator``.
 * FLOPs info: ``tokens_per_example()`` (for tokens/s) and ``analytic_flops(batch_size)``: the analytic model
-  FLOPs of one training step (a ``bifrost_jax.parallel.flops.FlopsBreakdown``: matmuls + attention of every module,
-  x3 / x2 / x1 by how the step runs it), logged beside XLA's cost analysis and used for MFU; the default looks the
-  phase up in ``flops.phase_flops`` (None: unknown). ``flops_per_example()`` is its total at batch 1.
+  FLOPs of one training step (a ``bifrost_jax.models.flops.FlopsBreakdown``: matmuls + attention of every module,
+  x3 / x2 / x1 by how the step runs it), logged beside XLA's cost analysis and used for MFU; it sums the
+  phase's ``analytic_parts`` (None: unknown). ``flops_per_example()`` is its total at batch 1.
 
-Phases register by name in ``PHASES`` (``"module:Class"`` strings, imported on first use, so that importing this
-file never imports every model).
+The phases are listed by name in ``bifrost_jax/train/registry.py``.
 """
 from __future__ import annotations
 
-import importlib
 from typing import Any, Iterator, Mapping
 
 import jax
 import ml_collections
+
+from bifrost_jax.models.flops import FlopsBreakdown, Part
 
 Params = Any
 Batch = Mapping[str, jax.Array]
@@ -80,41 +80,20 @@ class Phase:
     def tokens_per_example(self) -> int:
         return 1
 
-    def analytic_flops(self, batch_size: int):
-        """Analytic FLOPs of one training step at global ``batch_size`` (``FlopsBreakdown``), or None."""
-        from bifrost_jax.parallel.flops import phase_flops
+    def analytic_parts(self, batch_size: int) -> list[Part] | None:
+        """The modules one training step runs at global ``batch_size``, each with its forward counts and how the
+        step runs it (``bifrost_jax.models.flops.Part``), or None if unknown."""
+        del batch_size
+        return None
 
-        return phase_flops(self, batch_size)
+    def analytic_flops(self, batch_size: int) -> FlopsBreakdown | None:
+        """Analytic FLOPs of one training step at global ``batch_size`` (``FlopsBreakdown``), or None."""
+        parts = self.analytic_parts(batch_size)
+        if parts is None:
+            return None
+        return FlopsBreakdown(tuple(p for p in parts if p.forward.total),
+                              f"phase {self.name}, global batch {batch_size}")
 
     def flops_per_example(self) -> float | None:
         counts = self.analytic_flops(1)
         return None if counts is None else counts.total
-
-
-# name -> "module:Class", imported on first use.
-PHASES: dict[str, str] = {
-    "toy": "bifrost_jax.train.toy:ToyPhase",
-    "controlnet": "bifrost_jax.train.bifrost_phases:ControlNetPhase",
-    "mllm": "bifrost_jax.train.bifrost_phases:MllmPhase",
-    "flux": "bifrost_jax.train.bifrost_phases:FluxPhase",
-    "vae": "bifrost_jax.train.bifrost_phases:VaePhase",
-}
-
-
-def register_phase(name: str, target: str | type[Phase]) -> None:
-    """Register a phase class (or a ``"module:Class"`` string) under ``name``."""
-    if name in PHASES and PHASES[name] != target:
-        raise ValueError(f"phase {name!r} is already registered as {PHASES[name]}")
-    PHASES[name] = target
-
-
-def get_phase(config: ml_collections.ConfigDict) -> Phase:
-    """The phase named by ``config.phase``, built from the config."""
-    name = config.phase
-    if name not in PHASES:
-        raise ValueError(f"config.phase={name!r} is not a registered phase; known: {sorted(PHASES)}")
-    target = PHASES[name]
-    if isinstance(target, str):
-        module_name, cls_name = target.split(":")
-        target = getattr(importlib.import_module(module_name), cls_name)
-    return target(config)

@@ -15,6 +15,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from bifrost_jax.data.pipeline import make_train_iterator
+from bifrost_jax.models import flops
 from bifrost_jax.nn.layers import Dense
 from bifrost_jax.nn.stack import maybe_remat, stack_name
 from bifrost_jax.train.phases import Phase
@@ -142,3 +143,16 @@ class ToyPhase(Phase):
 
     def tokens_per_example(self):
         return 1
+
+    def analytic_parts(self, batch_size):
+        b, m = batch_size, self.config.model
+        block = flops.dense(b, m.hidden, m.mlp) + flops.dense(b, m.mlp, m.hidden)
+        parts = [flops.Part("toy encoder (frozen)", flops.dense(b, m.in_features, m.hidden), "forward")]
+        if m.use_batchnorm or m.num_blocks == 0:  # trained BatchNorm before the blocks: every block needs dX
+            parts.append(flops.Part("toy blocks", block * m.num_blocks, "train"))
+        else:  # block 0's fc1 reads the frozen encoder's output: no input gradient
+            parts += [flops.Part("toy block 0 fc1", flops.dense(b, m.hidden, m.mlp), "leaf"),
+                      flops.Part("toy blocks", block * m.num_blocks + flops.dense(b, m.hidden, m.mlp) * -1.0,
+                                 "train")]
+        return parts + [flops.Part("toy head", flops.dense(b, m.hidden, m.out_features), "train")]
+

@@ -218,11 +218,40 @@ def _block_params(tree: dict, name: str, i: int, scanned: bool):
     return tree[f"{name}_{i}"]
 
 
-def _set_block_params(tree: dict, name: str, i: int, value, scanned: bool) -> None:
-    if scanned:
-        tree[name] = {"block": jax.tree.map(lambda a, v: a.at[i].set(v.astype(a.dtype)), tree[name]["block"], value)}
-    else:
-        tree[f"{name}_{i}"] = jax.tree.map(lambda a, v: v.astype(a.dtype), tree[f"{name}_{i}"], value)
+def copy_transformer_into_controlnet(cn_params, flux_params, cn_module, flux_module, only_copied: bool = False):
+    """diffusers ``FluxControlNetModel.from_transformer`` on parameter trees: ``cn_params`` with ``time_text_embed``,
+    ``context_embedder``, ``x_embedder`` and the first double / single blocks replaced by FLUX's (either layer
+    layout on either side). The zero-init heads and the upsampler are left alone (``only_copied``: return just
+    the copied entries, e.g. to copy from a FLUX loaded after the ControlNet was initialised). Values keep FLUX's
+    dtypes: callers cast to the ControlNet's own (a trained copy keeps fp32 master weights under a bf16 FLUX)."""
+    cn_cfg, f_cfg = cn_module.config, flux_module.config
+    out = {} if only_copied else dict(cn_params)
+    for name in ("time_text_embed", "context_embedder", "x_embedder"):
+        out[name] = flux_params[name]
+    for name, n_cn, n_f in (("transformer_blocks", cn_cfg.num_layers, f_cfg.num_layers),
+                            ("single_transformer_blocks", cn_cfg.num_single_layers, f_cfg.num_single_layers)):
+        k = min(n_cn, n_f)
+        if k == 0:
+            continue
+        blocks = [_block_params(flux_params, name, i, flux_module.scan_layers) for i in range(k)]
+        if not cn_module.scan_layers:
+            out.update({f"{name}_{i}": blocks[i] for i in range(k)})
+            continue
+        if k < n_cn and only_copied:
+            raise ValueError(f"controlnet has {n_cn} {name} but FLUX only {n_f}: scanned ControlNet blocks cannot be "
+                             "partly copied after loading; use num_layers <= FLUX's")
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
+        if k < n_cn:
+            stacked = jax.tree.map(lambda a, b: a.at[:k].set(b.astype(a.dtype)), cn_params[name]["block"], stacked)
+        out[name] = {"block": stacked}
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _ScanLayout:
+    """What :func:`copy_transformer_into_controlnet` reads of a transformer module: its config and layer layout."""
+    config: FluxConfig
+    scan_layers: bool
 
 
 def controlnet_from_transformer(transformer_variables, transformer_config: FluxConfig, num_layers: int = 4,
@@ -282,15 +311,9 @@ def controlnet_from_transformer(transformer_variables, transformer_config: FluxC
                 table.init(mode_key, jnp.zeros((1, 1), jnp.int32)))["params"]
         blocks = {k: v for k, v in shapes["params"].items() if "transformer_blocks" in k}
         variables["params"].update(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), blocks))
-    src = transformer_variables["params"]
-    params = dict(variables["params"])
-    for name in ("time_text_embed", "context_embedder", "x_embedder"):
-        params[name] = jax.tree.map(lambda v: jnp.asarray(v, module.param_dtype), src[name])
-    scan_out = module.scan_layers
-    for name, n_cn, n_tr in (("transformer_blocks", num_layers, t.num_layers),
-                             ("single_transformer_blocks", num_single_layers, t.num_single_layers)):
-        for i in range(min(n_cn, n_tr)):
-            _set_block_params(params, name, i, _block_params(src, name, i, transformer_scanned), scan_out)
+    copied = copy_transformer_into_controlnet(variables["params"], transformer_variables["params"], module,
+                                              _ScanLayout(t, transformer_scanned))
+    params = jax.tree.map(lambda v: jnp.asarray(v, module.param_dtype), copied)
     variables = {**variables, "params": params}
     if copy_all_blocks:  # the tree built by hand has exactly the module's variables
         want = jax.tree.map(lambda s: (s.shape, jnp.dtype(s.dtype)), shapes)

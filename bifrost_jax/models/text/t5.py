@@ -113,7 +113,7 @@ class T5Attention(nn.Module):
     config: T5EncoderConfig
     dtype: Dtype = jnp.bfloat16
     param_dtype: Dtype = jnp.float32
-    attention_implementation: Optional[str] = None
+    attention_impl: Optional[str] = None
 
     @nn.compact
     def __call__(self, x, mask, position_bias):
@@ -128,7 +128,7 @@ class T5Attention(nn.Module):
         k = heads(dense("k", inner, ("embed", "heads"))(x))
         v = heads(dense("v", inner, ("embed", "heads"))(x))
         out = dot_product_attention(q, k, v, mask=mask, bias=position_bias, scale=1.0,
-                                    implementation=self.attention_implementation)
+                                    implementation=self.attention_impl)
         out = dense("o", cfg.d_model, ("heads", "embed"))(out.reshape(b, l, inner))
         return checkpoint_name(out, "attn_out")
 
@@ -158,14 +158,14 @@ class T5Block(nn.Module):
     config: T5EncoderConfig
     dtype: Dtype = jnp.bfloat16
     param_dtype: Dtype = jnp.float32
-    attention_implementation: Optional[str] = None
+    attention_impl: Optional[str] = None
 
     @nn.compact
     def __call__(self, x, mask, position_bias):
         cfg = self.config
         norm = lambda n: RMSNorm(eps=cfg.layer_norm_epsilon, dtype=self.dtype,  # noqa: E731
                                  param_dtype=self.param_dtype, name=n)
-        x = x + T5Attention(cfg, self.dtype, self.param_dtype, self.attention_implementation,
+        x = x + T5Attention(cfg, self.dtype, self.param_dtype, self.attention_impl,
                             name="self_attn")(norm("self_attn_norm")(x), mask, position_bias)
         x = x + T5FeedForward(cfg, self.dtype, self.param_dtype, name="ff")(norm("ff_norm")(x))
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
@@ -180,7 +180,7 @@ class T5EncoderModel(nn.Module):
     param_dtype: Dtype = jnp.float32
     scan_layers: bool = False
     remat_policy: str = "none"
-    attention_implementation: Optional[str] = None
+    attention_impl: Optional[str] = None
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None):
@@ -201,7 +201,7 @@ class T5EncoderModel(nn.Module):
         mask = None if attention_mask is None else (attention_mask[:, None, None, :] != 0)
 
         block_kw = dict(config=cfg, dtype=self.dtype, param_dtype=self.param_dtype,
-                        attention_implementation=self.attention_implementation)
+                        attention_impl=self.attention_impl)
         if self.scan_layers:
             stack = scanned(T5Block, cfg.num_layers, remat=self.remat_policy)
             x, _ = stack(**block_kw, name="block")(x, mask, position_bias)

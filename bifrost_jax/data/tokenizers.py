@@ -1,24 +1,28 @@
-"""FLUX text conditioning for training: host-side T5/CLIP tokenisation and the frozen-encoder forward.
+"""Host-side tokenisers for the FLUX text encoders: fixed-length int32 ids, as diffusers' FluxPipeline makes them.
 
-FLUX gets the RAW caption (not the chat-formatted Bifrost prompt, spec 8.2): T5 ids padded to ``max_length``
-(512 for FLUX.1-dev) and CLIP ids padded to 77, both ``padding="max_length", truncation=True`` as diffusers'
-``FluxPipeline._get_{t5,clip}_prompt_embeds``, and both encoders run WITHOUT an attention mask (as the pipeline:
-the pad tokens are attended to). ``prompt_embeds`` = T5 ``last_hidden_state``; ``pooled_prompt_embeds`` = CLIP
-``pooler_output``.
+FLUX gets the RAW caption (not the chat-formatted Bifrost prompt, docs/design.md §8.2): T5 ids padded to
+``max_length`` (512 for FLUX.1-dev) and CLIP ids padded to 77, both ``padding="max_length", truncation=True`` as
+``FluxPipeline._get_{t5,clip}_prompt_embeds``.
 
-Tokenizers are ``tokenizer.json`` directories (a diffusers FLUX download has ``tokenizer/`` and ``tokenizer_2/``;
-the slow sentencepiece-only T5 tokenizer must first be saved as a fast one). Tiny configs use the word-level
-tokenizer of ``data/prompt.build_word_tokenizer`` built from the dataset vocabulary (``ensure_word_tokenizer``).
+* :class:`PaddedTokenizer`: a ``tokenizer.json`` directory (a diffusers FLUX download has ``tokenizer/`` and
+  ``tokenizer_2/``; the slow sentencepiece-only T5 tokenizer must first be saved as a fast one). Training and
+  generation both use it.
+* :func:`ensure_word_tokenizer`: the word-level tokenizer of a dataset vocabulary (tiny configs, the demo).
+* :func:`hash_tokenizer`: a file-free word tokenizer for tiny test encoders (generation configs without files).
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Iterable, Sequence
+import shutil
+from typing import Callable, Iterable, Optional, Sequence
 
-import jax
-import jax.numpy as jnp
+import zlib
+
 import numpy as np
+from tokenizers import Tokenizer
+
+from bifrost_jax.data.prompt import build_word_tokenizer
 
 
 class PaddedTokenizer:
@@ -27,8 +31,6 @@ class PaddedTokenizer:
     tokens, e.g. T5's ``</s>`` and CLIP's BOS/EOS, and truncation keeps them)."""
 
     def __init__(self, path: str, max_length: int, pad_token: str | None = None):
-        from tokenizers import Tokenizer
-
         file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
         if not os.path.isfile(file):
             raise FileNotFoundError(f"no tokenizer.json at {path!r} (a FLUX download has tokenizer/ (CLIP) and "
@@ -71,22 +73,42 @@ def ensure_word_tokenizer(directory: str, words: Iterable[str]) -> str:
     """``directory`` holding the word-level tokenizer of ``words`` (built if absent; tiny configs and demos).
     The build is deterministic, so concurrent or repeated builds write the same file."""
     if not os.path.isfile(os.path.join(directory, "tokenizer.json")):
-        from bifrost_jax.data.prompt import build_word_tokenizer
-
         tmp = f"{directory}.tmp{os.getpid()}"
         build_word_tokenizer(list(words), tmp)
         os.makedirs(os.path.dirname(os.path.abspath(directory)), exist_ok=True)
         try:
             os.replace(tmp, directory)
         except OSError:  # another process won the race: keep its copy
-            import shutil
             shutil.rmtree(tmp, ignore_errors=True)
     return directory
 
 
-def encode_flux_text(t5, t5_params, clip, clip_params, t5_ids, clip_ids):
-    """(prompt_embeds (B, L_t5, d_t5), pooled_prompt_embeds (B, d_clip)) from the frozen encoders, no masks
-    (FluxPipeline). Gradients are stopped: the encoders are never trained here."""
-    prompt_embeds = t5.apply({"params": t5_params}, jnp.asarray(t5_ids, jnp.int32))
-    _, pooled = clip.apply({"params": clip_params}, jnp.asarray(clip_ids, jnp.int32))
-    return jax.lax.stop_gradient(prompt_embeds), jax.lax.stop_gradient(pooled)
+def hf_tokenizer(path: str, max_length: int) -> Callable[[Sequence[str]], np.ndarray]:
+    """``fn(prompts) -> int32 (B, max_length)`` with a transformers tokenizer directory (FLUX.1-dev's ``tokenizer``
+    (CLIP, 77) or ``tokenizer_2`` (T5, 512)): padded to max_length, truncated, as FluxPipeline does."""
+    from transformers import AutoTokenizer  # optional heavy dependency (the port extra)
+
+    tok = AutoTokenizer.from_pretrained(path)
+
+    def tokenize(prompts):
+        out = tok(list(prompts), padding="max_length", max_length=max_length, truncation=True, return_tensors="np")
+        return np.asarray(out["input_ids"], np.int32)
+    return tokenize
+
+
+def hash_tokenizer(vocab_size: int, max_length: int, *, eos_token_id: int, pad_token_id: int,
+                   bos_token_id: Optional[int] = None) -> Callable[[Sequence[str]], np.ndarray]:
+    """A file-free word tokenizer for tiny test/demo encoders: each lower-cased word -> a stable id (crc32) among
+    the ids that are not special; then EOS, padding with ``pad_token_id``, truncated to ``max_length`` (EOS kept)."""
+    special = {i for i in (eos_token_id, pad_token_id, bos_token_id) if i is not None}
+    free = [i for i in range(vocab_size) if i not in special]
+
+    def tokenize(prompts):
+        out = np.full((len(prompts), max_length), pad_token_id, np.int32)
+        for b, p in enumerate(prompts):
+            ids = ([] if bos_token_id is None else [bos_token_id])
+            ids += [free[zlib.crc32(w.encode()) % len(free)] for w in p.lower().split()]
+            ids = ids[:max_length - 1] + [eos_token_id]
+            out[b, :len(ids)] = ids
+        return out
+    return tokenize

@@ -14,7 +14,7 @@ The config is a generation config (the schema of ``configs/generate_tiny.py``: `
 one per batch shard). ``configs/full/generate_aot.py`` is that config at full size (Qwen2.5-VL-7B + FLUX.1-dev,
 512 px). Weights are abstract (``jax.ShapeDtypeStruct`` with their shardings): nothing is allocated.
 
-Registered on import: ``bifrost_jax/aot.py`` lists ``"generate": "bifrost_jax.aot_generate:generate_target"``.
+Listed in ``bifrost_jax/aot/targets.py`` as ``"generate"``.
 """
 from __future__ import annotations
 
@@ -24,9 +24,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
+from bifrost_jax.aot.report import AotTarget
+from bifrost_jax.models import flops as F
+from bifrost_jax.models.bifrost import BifrostConfig, BifrostMLLM
+from bifrost_jax.models.flux.controlnet import FluxControlNetConfig, LatentControlNet
+from bifrost_jax.models.flux.transformer import FluxConfig, FluxTransformer2DModel
+from bifrost_jax.models.flux.vae import latent_image_ids
 from bifrost_jax.parallel.rules import axis_rules, logical_to_mesh_spec, tree_shardings
+from bifrost_jax.sample.pipeline import flux_velocity_fn
 
 
 def _model_dict(config, name: str) -> dict:
@@ -55,12 +62,6 @@ def _sds(mesh: Mesh, shape, dtype, logical):
 
 def generate_target(config: ml_collections.ConfigDict, mesh: Mesh):
     """(jitted step, abstract args) of one MAR decode step + one FLUX/ControlNet Euler step."""
-    from bifrost_jax.aot import AotTarget
-    from bifrost_jax.models.bifrost import BifrostConfig, BifrostMLLM
-    from bifrost_jax.models.flux.controlnet import FluxControlNetConfig, LatentControlNet
-    from bifrost_jax.models.flux.transformer import FluxConfig, FluxTransformer2DModel
-    from bifrost_jax.models.flux.vae import latent_image_ids
-    from bifrost_jax.sample.pipeline import flux_velocity_fn
 
     dtype = jnp.dtype(config.get("dtype", "bfloat16"))
     param_dtype = jnp.dtype(config.get("param_dtype", "bfloat16"))
@@ -139,7 +140,6 @@ def generate_target(config: ml_collections.ConfigDict, mesh: Mesh):
             f"{count(mllm_vars['params']) / 1e9:.2f}B params) + one FLUX+ControlNet Euler step (batch {b}, "
             f"{img_len} image + {txt_len} text tokens, {count(flux_vars) / 1e9:.2f}B + {count(cn_vars) / 1e9:.2f}B "
             f"params), {param_dtype.name} weights")
-    from bifrost_jax.parallel import flops as F
 
     # analytic: the branch rows of the MAR step (text K/V cached) + FLUX and the ControlNet without its condition
     # embedding (precomputed once per image); all forward
@@ -149,13 +149,3 @@ def generate_target(config: ml_collections.ConfigDict, mesh: Mesh):
         F.Part("flux transformer", F.flux_transformer(fcfg, b, img_len, txt_len), "forward")),
         f"generate: one MAR step + one Euler step, batch {b}")
     return AotTarget(fn=fn, args=args, description=desc, analytic=analytic)
-
-
-def register() -> None:
-    from bifrost_jax.aot import AOT_TARGETS, register_aot_target
-
-    if "generate" not in AOT_TARGETS:
-        register_aot_target("generate", "bifrost_jax.aot_generate:generate_target")
-
-
-register()

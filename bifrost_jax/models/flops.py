@@ -22,8 +22,7 @@ A step is a list of :class:`Part`s, each a module's forward counts and how the s
   data): forward + weight gradient, 2x.
 
 Counts are GLOBAL (all devices, the whole global batch) per step; divide by the device count for per-device FLOPs.
-``phase_flops(phase, batch_size)`` builds the parts of the registered Bifrost phases; a phase (or any caller) can
-build its own ``FlopsBreakdown``.
+Each training phase builds its own parts from these counts (``Phase.analytic_parts``).
 
 The module is pure Python over the config dataclasses: no tracing, usable for full-size configs on any machine.
 """
@@ -31,6 +30,8 @@ from __future__ import annotations
 
 import dataclasses
 from typing import Iterable, Optional, Sequence
+
+from bifrost_jax.models.qwen.vision import window_layout
 
 # forward multiple of (matmul, attention) FLOPs per mode
 MODES = {"train": (3.0, 3.0), "backprop": (2.0, 3.0), "forward": (1.0, 1.0), "leaf": (2.0, 2.0)}
@@ -288,7 +289,6 @@ def qwen_branch_rows(config, b: int, text_len: int) -> Counts:
 def vision_tower(cfg, grid_thw: Sequence[int], b: int) -> Counts:
     """Qwen2.5-VL ViT over (1, H/14, W/14) patches: patch embedding, blocks over the padded window layout (window
     blocks attend within windows, full blocks over every padded token), merger."""
-    from bifrost_jax.models.qwen.vision import window_layout
 
     layout = window_layout(cfg, tuple(grid_thw))
     n_patches = layout.grid_h * layout.grid_w
@@ -370,81 +370,3 @@ def vae_decoder(cfg, b: int, latent_hw: tuple[int, int]) -> dict[str, Counts]:
             rest = rest + conv(b, h, w, c, c, 3)
     rest = rest + conv(b, h, w, chans[-1], cfg.out_channels, 3)
     return {"first": first, "rest": rest}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the phases
-
-def phase_flops(phase, batch_size: int) -> Optional[FlopsBreakdown]:
-    """The analytic FLOPs of one training step of ``phase`` at global ``batch_size`` (None for phases this module
-    does not know; a phase may instead override ``Phase.analytic_flops``)."""
-    builders = {"flux": _flux_phase, "controlnet": _controlnet_phase, "mllm": _mllm_phase, "vae": _vae_phase,
-                "toy": _toy_phase}
-    fn = builders.get(getattr(phase, "name", ""))
-    if fn is None:
-        return None
-    return FlopsBreakdown(tuple(p for p in fn(phase, batch_size) if p.forward.total), f"phase {phase.name}, "
-                          f"global batch {batch_size}")
-
-
-def _flux_common(phase, b: int) -> tuple[list[Part], int, int]:
-    """Text encoders and VAE encoder (frozen, forward) of the flux family; returns (parts, img tokens, txt tokens)."""
-    lt, lc = phase.text_lengths()
-    vae = phase.vae.module.config
-    r = phase.resolution
-    parts = [Part("t5 encoder", t5_encoder(phase.t5.module.config, b, lt), "forward"),
-             Part("clip text encoder", clip_text(phase.clip.module.config, b, lc), "forward"),
-             Part("vae encoder", vae_encoder(vae, b, (r, r)), "forward")]
-    return parts, phase.num_img_tokens, lt
-
-
-def _flux_phase(phase, b):
-    parts, img, txt = _flux_common(phase, b)
-    return parts + flux_transformer_parts(phase.transformer.module.config, b, img, txt, mode="train")
-
-
-def _controlnet_phase(phase, b):
-    parts, img, txt = _flux_common(phase, b)
-    if not phase.use_cache:
-        parts.append(Part("vision tower (ViT)", vision_tower(phase.vision.module.config, phase.grid_thw, b),
-                          "forward"))
-    cn = phase.controlnet.module
-    parts += controlnet_parts(cn.config, b, img, txt, mode="train")
-    tr = phase.transformer.module
-    parts += flux_transformer_parts(tr.config, b, img, txt, mode="backprop", residuals=True,
-                                    scanned=bool(tr.scan_layers))
-    return parts
-
-
-def _mllm_phase(phase, b):
-    cfg = phase.mllm_config
-    t = int(phase.config.mllm.max_prompt_length)
-    parts = [] if phase.use_cache else [Part("vision tower (ViT)", vision_tower(phase.vision.module.config,
-                                                                                 phase.grid_thw, b), "forward")]
-    # text rows: frozen weights, and the image rows read their K/V without a gradient: forward only
-    parts.append(Part("qwen text rows (frozen)", qwen_text_rows(cfg.text, b, t), "forward"))
-    parts.append(Part("generation branch + head", qwen_branch_rows(cfg, b, t), "train"))
-    return parts
-
-
-def _vae_phase(phase, b):
-    cfg = phase.vae.module.config
-    r = phase.resolution
-    enc = vae_encoder(cfg, b, (r, r))
-    first = conv(b, r, r, cfg.in_channels, cfg.block_out_channels[0], 3)
-    f = cfg.downsample_factor
-    dec = vae_decoder(cfg, b, (r // f, r // f))
-    return [Part("vae encoder conv_in (pixels)", first, "leaf"), Part("vae encoder", enc + first * -1.0, "train"),
-            Part("vae decoder", dec["first"] + dec["rest"], "train")]
-
-
-def _toy_phase(phase, b):
-    m = phase.config.model
-    block = dense(b, m.hidden, m.mlp) + dense(b, m.mlp, m.hidden)
-    parts = [Part("toy encoder (frozen)", dense(b, m.in_features, m.hidden), "forward")]
-    if m.use_batchnorm or m.num_blocks == 0:  # trained BatchNorm before the blocks: every block needs dX
-        parts.append(Part("toy blocks", block * m.num_blocks, "train"))
-    else:  # block 0's fc1 reads the frozen encoder's output: no input gradient
-        parts += [Part("toy block 0 fc1", dense(b, m.hidden, m.mlp), "leaf"),
-                  Part("toy blocks", block * m.num_blocks + dense(b, m.hidden, m.mlp) * -1.0, "train")]
-    return parts + [Part("toy head", dense(b, m.hidden, m.out_features), "train")]

@@ -1,0 +1,26 @@
+"""The training phases by name: ``config.phase`` selects one (``bifrost train``, ``bifrost aot``, cache-latents)."""
+from __future__ import annotations
+
+import ml_collections
+
+from bifrost_jax.train.flux_phases import ControlNetPhase, FluxPhase
+from bifrost_jax.train.mllm_phase import MllmPhase
+from bifrost_jax.train.phases import Phase
+from bifrost_jax.train.toy import ToyPhase
+from bifrost_jax.train.vae_phase import VaePhase
+
+PHASES: dict[str, type[Phase]] = {
+    "toy": ToyPhase,
+    "vae": VaePhase,
+    "flux": FluxPhase,
+    "controlnet": ControlNetPhase,
+    "mllm": MllmPhase,
+}
+
+
+def get_phase(config: ml_collections.ConfigDict) -> Phase:
+    """The phase named by ``config.phase``, built from the config."""
+    name = config.phase
+    if name not in PHASES:
+        raise ValueError(f"config.phase={name!r} is not a registered phase; known: {sorted(PHASES)}")
+    return PHASES[name](config)
