@@ -39,7 +39,8 @@ import sys
 import time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-TPU_PYTHON = os.environ.get("BIFROST_TPU_PYTHON", "/work/tpuvenv/bin/python")
+# the Python of an environment with libtpu (`pip install -e '.[tpu]'`); default: this one
+TPU_PYTHON = os.environ.get("BIFROST_TPU_PYTHON", sys.executable)
 GIB = 1024 ** 3
 
 # chips and HBM per chip of the slices used below (v5p: 95 GiB, v6e: 32 GiB; as bifrost_jax/parallel/devices.py)
@@ -118,7 +119,7 @@ CANDIDATES = [
               {"controlnet": "full", "flux": "full"}, why="smallest v5p slice (4 chips): ~13 GiB state per chip"),
     Candidate("controlnet-v6e4", "controlnet", "v6e:2x2", dict(data=1, fsdp=-1, tensor=1), 4,
               {"controlnet": "full", "flux": "full"}, why="~13 GiB state per chip of 32 GiB"),
-    # ---- session 3: v6e-64 layouts the first pass could not compile or did not try
+    # ---- v6e-64 layouts the first pass could not compile or did not try
     Candidate("controlnet-v6e64-fsdp-fluxremat", "controlnet", "v6e:8x8", dict(data=1, fsdp=-1, tensor=1), 64,
               {"controlnet": "full", "flux": "full"},
               why="pure FSDP (v5p-128: 4% faster than fsdp x tensor) with the frozen FLUX rematerialised: its "
@@ -151,7 +152,7 @@ CANDIDATES = [
     Candidate("controlnet-v6e64-fsdp-fluxdots-b256", "controlnet", "v6e:8x8", dict(data=1, fsdp=-1, tensor=1), 256,
               {"controlnet": "full", "flux": "dots_no_batch"}, why="4 per chip: 1 per chip used 8.9 GiB of 32"),
     # fsdp x tensor=4 with remat full was the fastest layout at 2 per chip once the frozen LM was bf16
-    # (mllm-v5p128-default recompiled in session 3): does it hold with dots_no_batch, and at 8 per chip?
+    # (mllm-v5p128-default recompiled with the bf16 frozen LM): does it hold with dots_no_batch, and at 8 per chip?
     Candidate("mllm-v5p128-fsdp-dots", "mllm", "v5p:4x4x4", dict(data=1, fsdp=-1, tensor=1), 128,
               {"mllm": "dots_no_batch"}, why="the shipped config on v5p-128: 2 per chip"),
     Candidate("mllm-v5p128-tensor4-b512-dots", "mllm", "v5p:4x4x4", dict(data=1, fsdp=-1, tensor=4), 512,
@@ -163,7 +164,7 @@ CANDIDATES = [
     Candidate("mllm-v5p64-tensor4-b512-dots", "mllm", "v5p:4x4x2", dict(data=1, fsdp=-1, tensor=4), 512,
               {"mllm": "dots_no_batch"}, why="fsdp=8 x tensor=4 at 16 per chip"),
     Candidate("mllm-v6e64-tensor4-full", "mllm", "v6e:8x8", dict(data=1, fsdp=-1, tensor=4), 128,
-              {"mllm": "full"}, why="the session-1 layout on v6e-64: 2 per chip"),
+              {"mllm": "full"}, why="the first mllm layout on v6e-64: 2 per chip"),
     Candidate("mllm-v6e64-tensor4-b1024-dots", "mllm", "v6e:8x8", dict(data=1, fsdp=-1, tensor=4), 1024,
               {"mllm": "dots_no_batch"}, why="fsdp=16 x tensor=4 at 16 per chip"),
     # ---- v5p-64 proper: Cloud TPU names v5p slices by TensorCores (2 per chip), so v5p-64 = 32 chips = v5p:4x4x2

@@ -1,4 +1,4 @@
-"""MAR decoding cost: this implementation vs the official formulation, at identical outputs (issue 3, spec 11.4, 12.4).
+"""MAR decoding cost: this implementation vs the official formulation, at identical outputs (issue 3, docs/design.md §11.4, §12.4).
 
 Decodes N image slots, one token per step (N steps, the released setting), with
 

@@ -4,32 +4,7 @@ Each subcommand imports its machinery lazily so that `bifrost --help` is instant
 """
 from __future__ import annotations
 
-import argparse
 import sys
-
-
-def _cmd_port(argv: list[str]) -> int:
-    from bifrost_jax import port
-
-    p = argparse.ArgumentParser(prog="bifrost port",
-                                description="Port a local PyTorch checkpoint directory into an Orbax checkpoint "
-                                            "that training can start from.")
-    p.add_argument("--kind", required=True, choices=port.KINDS)
-    p.add_argument("--src", required=True, help="diffusers/transformers directory (config.json + safetensors)")
-    p.add_argument("--out", required=True, help="output directory (must not hold a previous port)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--base", default=None, help="bifrost-1 only: the Qwen2.5-VL directory for weights the "
-                                                 "checkpoint omits (the vision tower)")
-    args = p.parse_args(argv)
-    import jax.numpy as jnp
-
-    from bifrost_jax.port.orbax_io import save_ported
-
-    kwargs = {"base": args.base} if args.base else {}
-    _, variables = port.load(args.kind, args.src, dtype=getattr(jnp, args.dtype), **kwargs)
-    save_ported(args.out, args.kind, variables, args.src)
-    print(f"ported {args.kind} from {args.src} -> {args.out}")
-    return 0
 
 
 def _delegate(module: str, func: str):
@@ -53,7 +28,7 @@ COMMANDS = {
     "train": ("train a phase from a config", _delegate("bifrost_jax.train.loop", "main")),
     "generate": ("generate images from prompts", _delegate("bifrost_jax.sample.cli", "main")),
     "eval": ("sharded evaluation: geneval | reconstruction | shapes", _delegate("bifrost_jax.eval.run", "main")),
-    "port": ("port a PyTorch checkpoint into an Orbax checkpoint", _cmd_port),
+    "port": ("port a PyTorch checkpoint into an Orbax checkpoint", _delegate("bifrost_jax.port.cli", "main")),
     "cache-latents": ("precompute a phase's CLIP latents (frozen vision tower) for data.precomputed_clip_latents",
                       _delegate("bifrost_jax.train.cache_latents", "main")),
     "aot": ("compile a phase ahead of time for a TPU topology", _delegate("bifrost_jax.aot", "main")),

@@ -1,4 +1,4 @@
-"""Tiny ``controlnet`` phase (stage A, spec 9): train the latent ControlNet on a frozen FLUX, with CLIP latents of a
+"""Tiny ``controlnet`` phase (stage A, docs/design.md §9): train the latent ControlNet on a frozen FLUX, with CLIP latents of a
 frozen (tiny, random) Qwen2.5-VL vision tower computed on the fly from the ViT view of the same crop.
 
 The demo starts FLUX and the VAE params-only from the ``flux`` and ``vae`` phases:

@@ -7,12 +7,12 @@ generation and evaluation settings. ``bifrost_jax.demo`` turns it into the confi
     vae -> flux -> controlnet (FLUX and VAE from the two phases before) -> mllm -> generate + score
 
 Data: the shapes dataset in its "fixed" layout (``data/shapes.fixed_placement``): the caption fixes where each
-object goes, up to a +-2% jitter. The MLLM regresses CLIP latents with an MSE (spec 6), so with random positions its
+object goes, up to a +-2% jitter. The MLLM regresses CLIP latents with an MSE (docs/design.md §6), so with random positions its
 prediction for a caption is the mean over positions, a near-blank canvas (measured: scores at chance); with the
 layout fixed by the caption, a model this small trained for minutes learns colour and shape, and the held-out
 colour-shape pairs still test composition.
 
-Geometry (spec 7.1 item 3, the grids must align): shapes images rendered at 64 px; VAE view 32 px, VAE downsampling
+Geometry (docs/design.md §7.1 item 3, the grids must align): shapes images rendered at 64 px; VAE view 32 px, VAE downsampling
 2 -> 16x16x4 latents -> 2x2 packing -> 8x8 = 64 FLUX tokens; ViT view 112 px -> 8x8 patches of 14 px -> 2x2 merge
 -> 4x4 = N = 16 CLIP latents -> the ControlNet's 2x upsampler -> 8x8 = the FLUX token grid.
 

@@ -1,4 +1,4 @@
-"""Tiny ``mllm`` phase (stage B, spec 6): train the generation branch of a tiny BifrostMLLM (random frozen
+"""Tiny ``mllm`` phase (stage B, docs/design.md §6): train the generation branch of a tiny BifrostMLLM (random frozen
 "Qwen" text model, branch initialised as its copy) to regress the CLIP latents of a tiny random vision tower (the
 same fixed-key tower as the ``controlnet`` phase), with MAR masking and prompts built by ``build_t2i_prompt``.
 

@@ -424,7 +424,7 @@ def test_gpu_deviceless_cudnn_attention_key_padding_mask():
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# TPU (only where libtpu is importable; run with /work/tpuvenv)
+# TPU (only where libtpu is importable: pip install -e '.[tpu]')
 # ------------------------------------------------------------------------------------------------------------------
 @needs_libtpu
 def test_tpu_compile_splash_attention_fwd_bwd():

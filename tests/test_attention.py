@@ -48,7 +48,7 @@ def test_causal_mask_matches_jax_nn_is_causal(rng):
 
 
 def test_bifrost_mask_dense_semantics():
-    """Spec 4.4: causal text, image rows see all real text and all image keys, nothing sees pads, pad rows empty."""
+    """docs/design.md §4.4: causal text, image rows see all real text and all image keys, nothing sees pads, pad rows empty."""
     l, n = 7, 3
     valid, m = _bifrost_mask(2, l, n, pads=(2, 0))
     dense = np.asarray(m.dense(l, l))[:, 0]

@@ -146,14 +146,14 @@ def test_training_branch_keeps_frozen_model_bit_identical(setup):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 3. sliced routing == spec 3.3 written with the transformers layers
+# 3. sliced routing == docs/design.md §3.3 written with the transformers layers
 
 def _sel(m, orig, branch):
     return m * branch + (1 - m) * orig
 
 
 def torch_official_reference(model_a, model_b, params, ids, mask, latents, img_mask):
-    """Spec 3.3 literally with transformers modules: both weight sets (A original, B branch) on EVERY token, mixed by
+    """docs/design.md §3.3 literally with transformers modules: both weight sets (A original, B branch) on EVERY token, mixed by
     the image mask; dense 4-D additive mask (causal + key padding at finfo.min, image block zeroed)."""
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb, eager_attention_forward
     lm_a, lm_b = model_a.model.language_model, model_b.model.language_model

@@ -1,7 +1,7 @@
 """The "bifrost-1" port: the official MLLM checkpoint layout (+ a transformers Qwen2.5-VL base) <-> Flax.
 
 The official checkpoint is built here from a tiny random transformers Qwen2.5-VL (its saved tensors under
-``vision_language_model.``) plus the Bifrost-1 additions, their names written out from spec 12.2 (not taken from
+``vision_language_model.``) plus the Bifrost-1 additions, their names written out from docs/design.md §12.2 (not taken from
 the port's key map), every tensor random so that a mis-mapped weight cannot hide."""
 import os
 
@@ -40,7 +40,7 @@ def _tiny_qwen_vl(tmp, seed=0):
 
 
 def _branch_tensors(rng):
-    """The Bifrost-1 additions, named as in the official checkpoint (spec 12.2)."""
+    """The Bifrost-1 additions, named as in the official checkpoint (docs/design.md §12.2)."""
     r = lambda *s: (rng.standard_normal(s) * 0.2).astype(np.float32)  # noqa: E731
     head_dim = HIDDEN // HEADS
     out = {}
@@ -81,7 +81,7 @@ def setup(tmp_path_factory):
     full = {VLM + k: v for k, v in base_sd.items() if k.startswith("model.")}
     full.update({VLM + k: v for k, v in other_sd.items() if not k.startswith("model.")})
     full.update(branch)
-    full["vision_gen_vae_model.encoder.conv_in.weight"] = np.zeros((2, 2), np.float32)  # ignored (spec 11.5)
+    full["vision_gen_vae_model.encoder.conv_in.weight"] = np.zeros((2, 2), np.float32)  # ignored (docs/design.md §11.5)
     full_dir = str(root / "official_full")
     write_sharded_checkpoint(full_dir, full)
     # trained weights only: text, ViT and LM head come from `base`

@@ -12,6 +12,8 @@ import pytest
 from PIL import Image
 
 from bifrost_jax import demo
+from bifrost_jax.train.flux_phases import ControlNetPhase
+from bifrost_jax.train.mllm_phase import MllmPhase
 
 SMOKE = ["--fast", "--no-progress", "--config.fast_fraction=0.0001",  # -> 2 steps per phase
          "--config.data.train_size=32", "--config.generate.num_prompts=2", "--config.generate.batch=2",
@@ -114,9 +116,6 @@ def test_changed_config_is_refused(first_run):
 
 def test_phase_configs_align_the_grids():
     """The demo config's sizes chain: ViT grid -> upsampled = FLUX token grid, MLLM grid = ViT grid."""
-    from bifrost_jax.train.flux_phases import ControlNetPhase
-from bifrost_jax.train.mllm_phase import MllmPhase
-
     configs = demo.phase_configs(demo.load_demo_config([]), "/nonexistent-demo-workdir")
     cn, mllm = ControlNetPhase(configs["controlnet"]), MllmPhase(configs["mllm"])
     assert (2 * cn.clip_grid[0]) * (2 * cn.clip_grid[1]) == cn.num_img_tokens

@@ -28,7 +28,7 @@ def test_sigmas_match_diffusers(num_steps, seq_len):
 
 
 def test_spec_schedule_values():
-    # spec 8.2: 512 px (1024 tokens), 28 steps: mu = 0.63 (rounded), sigmas 1.000, 0.981, ..., 0.065, 0
+    # docs/design.md §8.2: 512 px (1024 tokens), 28 steps: mu = 0.63 (rounded), sigmas 1.000, 0.981, ..., 0.065, 0
     s = flow.flux_sigmas(28, 1024)
     assert flow.calculate_shift(1024) == pytest.approx(0.63, abs=1e-6)
     np.testing.assert_allclose([s[0], s[1], s[-2], s[-1]], [1.0, 0.981, 0.065, 0.0], atol=1e-3)

@@ -293,7 +293,7 @@ def test_controlnet_from_transformer_matches_diffusers(flux_dir, flux_jax, flux_
 # Bifrost-1 latent ControlNet
 
 class TorchUpsampler(torch.nn.Module):
-    """Independent reference of the Bifrost-1 2x upsampler (spec 7.1), with an explicit (h, w) grid."""
+    """Independent reference of the Bifrost-1 2x upsampler (docs/design.md §7.1), with an explicit (h, w) grid."""
 
     def __init__(self, c, grid):
         super().__init__()
@@ -355,7 +355,7 @@ def test_latent_controlnet_parity(latent_dir):
     assert isinstance(module, LatentControlNet) and module.config.clip_latent_dim == C_CLIP
     assert int(variables["batch_stats"]["up_sampling_block"]["bn1"]["num_batches_tracked"]) == 7
     expected = _latent_reference(cn, up, inputs, clip, 0.7)
-    # the condition embedding is computed once (spec 7.5) and passed to every step; the path that takes
+    # the condition embedding is computed once (docs/design.md §7.5) and passed to every step; the path that takes
     # controlnet_cond directly is compared with the reference in the train-mode test and in the export test
     emb = run_jax(module, variables, method="embed_condition", controlnet_cond=jnp.asarray(clip))
     assert emb.shape == (B, S_IMG, CFG["num_attention_heads"] * CFG["attention_head_dim"])

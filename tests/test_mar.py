@@ -1,4 +1,4 @@
-"""MAR decoding (spec 8.1, 11.3, 12.4): schedule, equivalence with the official formulation, CFG."""
+"""MAR decoding (docs/design.md §8.1, §11.3, §12.4): schedule, equivalence with the official formulation, CFG."""
 import math
 
 import flax.linen as nn

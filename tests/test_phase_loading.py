@@ -6,7 +6,7 @@ on the tiny configs and a 2x2x2 mesh; nothing is trained.
   Orbax outputs (controlnet phase): the frozen encoders equal the port's values exactly.
 * The latent ControlNet from the official ``flux_controlnet/`` layout (config.json without our clip fields) and
   from its Orbax port: params AND BatchNorm statistics equal the saved ones.
-* The mllm phase from the OFFICIAL Bifrost-1 checkpoint layout (names written out from spec 12.2, every tensor
+* The mllm phase from the OFFICIAL Bifrost-1 checkpoint layout (names written out from docs/design.md §12.2, every tensor
   random), with and without the ViT inside, and from its ``bifrost port --kind bifrost-1`` output: every weight
   comes from it (nothing left at its init), branch / head / mask token / position embedding included.
 * Ports with a missing or an extra key fail through the phase, naming the key.
@@ -200,7 +200,7 @@ def _random_vl(phase, seed):
 
 
 def _branch_tensors(text, n, clip_dim, rng):
-    """The Bifrost-1 additions, named as in the official checkpoint (spec 12.2), all random."""
+    """The Bifrost-1 additions, named as in the official checkpoint (docs/design.md §12.2), all random."""
     def r(*s):
         return (rng.standard_normal(s) * 0.2).astype(np.float32)
     h, hd = text.hidden_size, text.hidden_size // text.num_attention_heads
@@ -243,7 +243,7 @@ def official(tmp_path_factory):
     full = {VLM + k: v for k, v in base_sd.items() if k.startswith("model.")}
     full.update({VLM + k: v for k, v in other_sd.items() if not k.startswith("model.")})
     full.update(branch)
-    full["vision_gen_vae_model.encoder.conv_in.weight"] = np.zeros((2, 2), np.float32)  # ignored (spec 11.5)
+    full["vision_gen_vae_model.encoder.conv_in.weight"] = np.zeros((2, 2), np.float32)  # ignored (docs/design.md §11.5)
     full_dir, trained_dir = str(root / "official_full"), str(root / "official_trained")
     write_sharded_checkpoint(full_dir, full)
     write_sharded_checkpoint(trained_dir, branch)

@@ -1,4 +1,4 @@
-"""Generation prompts (spec 4.1) and the offline tokenizers: template text, padding, truncation, suffix, uncond."""
+"""Generation prompts (docs/design.md §4.1) and the offline tokenizers: template text, padding, truncation, suffix, uncond."""
 import numpy as np
 import pytest
 

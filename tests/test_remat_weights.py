@@ -3,7 +3,7 @@ input gradient needs it), i.e. the unsharded model on every device; "dots_no_bat
 without batch dimensions: the projections) keeps activations but re-gathers the weights in the backward, at the
 cost of recomputing the attention products and elementwise work.
 
-Found by ``bifrost aot`` (session 3): the full-size mllm phase with remat "none" on v6e:8x8 (fsdp=64) compiled to
+Found by ``bifrost aot``: the full-size mllm phase with remat "none" on v6e:8x8 (fsdp=64) compiled to
 19.5 GiB of temporaries per chip, ~12.6 of them the 28 layers' gathered bf16 branch weights (bf16[28,3584,18944]
 buffers in the compiled HLO). JAX's ``save_anything_except_these_names`` cannot express "all but the weights" (in
 jax 0.10.2 it saves everything), and names on the weights do not stop the cast feeding them from being saved.

@@ -32,11 +32,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
-import time
 from typing import Any, Sequence
 
-import numpy as np
 
 from bifrost_jax.configs import config_dict
 from bifrost_jax.train.checkpoint import resolve_step_dir

@@ -1,6 +1,6 @@
 """Host-side image preprocessing: one decoded image -> the ViT view, the VAE view and the caption.
 
-Both views are cut from the SAME square crop of the source image (spec 5.4: the ViT grid at ``vit_resolution`` and
+Both views are cut from the SAME square crop of the source image (docs/design.md §5.4: the ViT grid at ``vit_resolution`` and
 the FLUX-VAE grid at ``vae_resolution`` must cover the same pixels, or the ControlNet learns a shifted target).
 The crop is the centred square of side ``short side`` (eval) or a random square (training), and each view is
 resized from the original pixels with PIL's bicubic filter (antialiased when downscaling, like the reference

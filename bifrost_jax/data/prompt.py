@@ -1,4 +1,4 @@
-"""Text-to-image prompts for the Bifrost MLLM (spec 4.1) and the tokenizers that encode them.
+"""Text-to-image prompts for the Bifrost MLLM (docs/design.md §4.1) and the tokenizers that encode them.
 
 ``build_t2i_prompt`` renders the Qwen2.5-VL chat template the official code uses for generation, trimmed so the
 text ends in ``<|vision_start|>`` (the image slots are appended by the model, not as token ids), left-pads it to
@@ -133,7 +133,7 @@ def clean_caption(prompt: str) -> str:
 
 
 def render_t2i_prompt(prompt: str) -> str:
-    """The chat-template text of one generation prompt, ending in ``<|vision_start|>`` (spec 4.1)."""
+    """The chat-template text of one generation prompt, ending in ``<|vision_start|>`` (docs/design.md §4.1)."""
     return (f"{IM_START}system\n{SYSTEM_PROMPT}{IM_END}\n"
             f"{IM_START}user\nGenerate an image of {prompt}{IM_END}\n"
             f"{IM_START}assistant\n{VISION_START}")

@@ -200,7 +200,7 @@ LAYOUTS = ("random", "fixed")
 
 def fixed_placement(spec: SceneSpec, resolution: int, rng: np.random.Generator, *, jitter: float = 0.0) -> Placement:
     """The "fixed" layout: the caption determines the picture up to a uniform +-``jitter`` (fraction of the side)
-    shift of each object. A text-to-latent regressor (the MLLM's MSE, spec 6) then has one target per caption
+    shift of each object. A text-to-latent regressor (the MLLM's MSE, docs/design.md §6) then has one target per caption
     instead of the blank-canvas mean over random positions: what lets a tiny system trained for minutes on CPU
     learn colour and shape. Still never touching, and relation scenes keep their margin (jitter <= 0.03)."""
     if not 0.0 <= jitter <= 0.03:

@@ -1,4 +1,4 @@
-"""Reconstruction quality (paper Figure 4, spec 10.3): real image -> ViT patch-level latents -> ControlNet + FLUX ->
+"""Reconstruction quality (paper Figure 4, docs/design.md §10.3): real image -> ViT patch-level latents -> ControlNet + FLUX ->
 image, scored against the real image at the output size.
 
 Metrics, per image then averaged over the split (sums and counts all-reduced across hosts, so every host reports

@@ -1,6 +1,6 @@
 """Bifrost-1's dual-branch MLLM: a frozen Qwen2.5-VL language model plus a trainable "vision generation branch".
 
-Every decoder layer holds the original (frozen) weights and a copy for image slots (spec 3.2-3.4):
+Every decoder layer holds the original (frozen) weights and a copy for image slots (docs/design.md §3.2-§3.4):
 ``self_attn.{q,k,v,o}_proj`` + ``self_attn.vision_branch_{q,k,v,o}_proj``, ``mlp`` + ``vision_branch_mlp``,
 ``input_layernorm`` / ``post_attention_layernorm`` + ``vision_branch_*`` copies; the model adds ``vision_branch_norm``
 (copy of the final norm), ``vision_head`` (Linear hidden -> clip_dim with bias), ``mask_token`` (clip_dim,) and
@@ -12,11 +12,11 @@ boundary: text rows only ever meet the original weights, image rows only the bra
 weight sets on every token and mixes them by the image mask, 2x the FLOPs; ``official_forward`` keeps that literal
 formulation as the reference). Attention is joint: the image rows' softmax runs over [text keys ; image keys]. The
 text rows' softmax runs over the text keys alone, which is exact because the causal mask hides every image key from
-them (spec 4.4) -- and it is what makes the text-prefix K/V cache (``encode_prefix`` / ``decode_images``) exact.
+them (docs/design.md §4.4) -- and it is what makes the text-prefix K/V cache (``encode_prefix`` / ``decode_images``) exact.
 
-Inputs (spec 4.2): image slot n = ``mask_token`` where masked else the CLIP latent, plus ``learnable_pos_emb[n]``.
-Positions (4.3): real text tokens 0..T_real-1 counted over non-pad tokens, left pads 1, image slots 0 on all three
-M-RoPE axes. Mask (4.4): text causal; image slots see every real text token and every image slot; pads are never
+Inputs (docs/design.md §4.2): image slot n = ``mask_token`` where masked else the CLIP latent, plus ``learnable_pos_emb[n]``.
+Positions (§4.3): real text tokens 0..T_real-1 counted over non-pad tokens, left pads 1, image slots 0 on all three
+M-RoPE axes. Mask (§4.4): text causal; image slots see every real text token and every image slot; pads are never
 keys; fully-masked pad query rows give zeros (no NaN).
 
 Also here: the stage-B loss (``mse_loss``, all slots, fp32) and MAR masking (``random_orders``,
@@ -48,7 +48,7 @@ BRANCH = "vision_branch_"
 @dataclasses.dataclass(frozen=True)
 class BifrostConfig:
     """The MLLM side of Bifrost-1. ``clip_dim`` must equal the text hidden size: visible image slots ARE the
-    Qwen2.5-VL ViT-merger latents, fed as input embeddings without a projector (spec 4.2)."""
+    Qwen2.5-VL ViT-merger latents, fed as input embeddings without a projector (docs/design.md §4.2)."""
     text: QwenTextConfig = dataclasses.field(default_factory=QwenTextConfig)
     num_image_tokens: int = 256
     image_grid: tuple[int, int] = (16, 16)
@@ -95,7 +95,7 @@ class BifrostConfig:
 # masks and positions of the generation sequence
 
 def image_position_ids(batch: int, num_image_tokens: int):
-    """All image slots sit at M-RoPE position (0, 0, 0) (learnable_pos_emb carries their layout, spec 4.3)."""
+    """All image slots sit at M-RoPE position (0, 0, 0) (learnable_pos_emb carries their layout, docs/design.md §4.3)."""
     return jnp.zeros((3, batch, num_image_tokens), jnp.int32)
 
 
@@ -168,7 +168,7 @@ class BifrostDecoderLayer(nn.Module):
 
     @staticmethod
     def _official(x, shared, orig, branch):
-        """Spec 3.3 literally: sel(f)(.) = m * branch_f(.) + (1 - m) * orig_f(.) for every norm and projection."""
+        """docs/design.md §3.3 literally: sel(f)(.) = m * branch_f(.) + (1 - m) * orig_f(.) for every norm and projection."""
         m = shared["select"].astype(x.dtype)
         sel = lambda o, b: m * b + (1 - m) * o  # noqa: E731
         cos, sin = shared["rope"]
@@ -300,7 +300,7 @@ class BifrostMLLM(nn.Module):
         return self.norm(x_text)
 
     def official_forward(self, input_ids, attention_mask, clip_latents, mask):
-        """The official formulation (spec 3.3 literally): the full T + N sequence, BOTH weight sets applied to every
+        """The official formulation (docs/design.md §3.3 literally): the full T + N sequence, BOTH weight sets applied to every
         token and mixed by the image-position mask, a dense (B, 1, L, L) additive mask, the final norm mixed too.
         Same result as ``__call__`` at about twice the FLOPs; the reference for tests and benchmarks."""
         n = self.config.num_image_tokens
@@ -333,7 +333,7 @@ def _layer_names(params) -> list[str]:
 
 
 def init_branch_from_original(params, source=None):
-    """``params`` with every generation-branch weight replaced by a copy of its original counterpart (spec 3.2: the
+    """``params`` with every generation-branch weight replaced by a copy of its original counterpart (docs/design.md §3.2: the
     branch starts as the frozen model). ``source``: take the copies from this ``QwenLanguageModel``-shaped tree
     instead (same layer layout). Works for both layer layouts; the copies are distinct buffers (so a train state can
     be donated)."""
@@ -356,7 +356,7 @@ def init_branch_from_original(params, source=None):
 
 
 def is_trainable(path: tuple[str, ...]) -> bool:
-    """Stage B trains the branch, its final norm, the head, the mask token and the position embedding (spec 3.4)."""
+    """Stage B trains the branch, its final norm, the head, the mask token and the position embedding (docs/design.md §3.4)."""
     return path[0] in TRAINABLE_TOP_LEVEL or any(p.startswith(BRANCH) for p in path)
 
 
@@ -370,7 +370,7 @@ def trainable_mask(params):
 # loss and MAR masking (pure functions)
 
 def mse_loss(pred, target):
-    """Mean over (B, N, C) of (pred - target)^2 in float32, every slot (visible and masked) counted (spec 6.1)."""
+    """Mean over (B, N, C) of (pred - target)^2 in float32, every slot (visible and masked) counted (docs/design.md §6.1)."""
     d = pred.astype(jnp.float32) - target.astype(jnp.float32)
     return jnp.mean(jnp.square(d))
 

@@ -31,9 +31,12 @@ import dataclasses
 import math
 from typing import Iterator, Optional, Union
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from bifrost_jax.parallel.rules import LOGICAL_AXIS_RULES
 
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
@@ -51,7 +54,7 @@ class AttentionMask:
 
     with ``static`` = everything, or causal (``s <= l + S - L``: bottom-right aligned, the KV-cache convention),
     or'ed with the ``full_suffix`` block (the last n queries see the last n keys in both directions).
-    The Bifrost generation sequence (spec 4.4) is ``AttentionMask(causal=True, full_suffix=256, q_valid=valid,
+    The Bifrost generation sequence (docs/design.md §4.4) is ``AttentionMask(causal=True, full_suffix=256, q_valid=valid,
     kv_valid=valid)``: causal text, bidirectional image block, nothing attends to pads, pad rows give zeros.
     """
     causal: bool = False
@@ -332,10 +335,6 @@ def _segment_ids(mask: Optional[AttentionMask], b: int, l: int, s: int, lp: int,
 
 def _mesh_axes_for(logical: str, size: int, mesh) -> Optional[tuple[str, ...]]:
     """The mesh axes the rules give ``logical`` that exist in ``mesh``, if they divide ``size``; else None."""
-    import flax.linen as nn
-
-    from bifrost_jax.parallel.rules import LOGICAL_AXIS_RULES
-
     rules = nn.get_logical_axis_rules() or LOGICAL_AXIS_RULES
     spec = nn.logical_to_mesh_axes((logical,), rules)[0]
     if spec is None:

@@ -6,7 +6,7 @@ Remat policies are chosen by name from config.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax

@@ -15,7 +15,7 @@ import dataclasses
 import json
 import os
 import struct
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp

@@ -1,5 +1,5 @@
 """The official Bifrost-1 MLLM checkpoint (HF ``hanlincs/Bifrost-1``, top level) <-> ``models.bifrost.BifrostMLLM``
-plus the frozen Qwen2.5-VL it was built on (spec 12.2).
+plus the frozen Qwen2.5-VL it was built on (docs/design.md §12.2).
 
 Official layout (module names of ``MultiModalityCausalLM``, built on a transformers-4.x Qwen2.5-VL whose language
 model sits at ``model.`` and ViT at ``visual.``; HF-sharded safetensors with ``model.safetensors.index.json``)::
@@ -28,7 +28,7 @@ complete there):
 
 The generation branch, ``vision_branch_norm``, ``vision_head``, ``mask_token`` and ``learnable_pos_emb`` must be in the
 checkpoint; N is read from ``learnable_pos_emb``. Keys under ``vision_gen_vae_model.`` (the FLUX VAE the official
-model also builds and never uses, spec 11.5) are ignored; with tied embeddings so is a stored lm_head. Any other
+model also builds and never uses, docs/design.md §11.5) are ignored; with tied embeddings so is a stored lm_head. Any other
 missing, unexpected or wrong-shape key (checkpoint or base) is reported in ONE ``PortError``.
 
 Returned ``(module, variables)``: ``module`` is a ``Bifrost1`` pair of Flax modules, ``module.mllm``

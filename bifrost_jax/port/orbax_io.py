@@ -5,11 +5,8 @@ source directory and its config.json, so the module can be rebuilt).
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
 
-import jax
 import orbax.checkpoint as ocp
 
 from bifrost_jax.port.base import read_json, write_json

@@ -1,4 +1,4 @@
-"""FLUX flow-matching Euler sampling (spec 8.2) and the training-time sigma distribution (spec 9).
+"""FLUX flow-matching Euler sampling (docs/design.md §8.2) and the training-time sigma distribution (docs/design.md §9).
 
 Conventions (rectified flow, as FLUX and diffusers' FlowMatchEulerDiscreteScheduler):
 ``x_sigma = (1 - sigma) * x0 + sigma * eps``, the model predicts the velocity ``eps - x0``, and the transformer

@@ -1,4 +1,4 @@
-"""MAR-style masked decoding of the N patch-level CLIP latents with the Bifrost MLLM (spec 8.1, 11.3, 12.4).
+"""MAR-style masked decoding of the N patch-level CLIP latents with the Bifrost MLLM (docs/design.md §8.1, §11.3, §12.4).
 
 All N image slots start as the mask token. At every step the MLLM predicts all slots at once; the cosine
 schedule decides how many stay masked for the next step, and the slots that leave the mask take their prediction.
@@ -15,7 +15,7 @@ and to measure what the fast path saves (``benchmarks/mar_decode.py``).
 
 CFG: ``pred = uncond + w * (cond - uncond)``, computed on the full (B, N, C) halves BEFORE the slots to update
 are selected, which is right for any number of tokens per step (the official code slices the gathered tokens,
-which is only right for one token per step, spec 11.3).
+which is only right for one token per step, docs/design.md §11.3).
 """
 from __future__ import annotations
 

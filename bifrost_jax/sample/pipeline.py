@@ -1,4 +1,4 @@
-"""The Bifrost-1 generation pipeline (spec 8) and reconstruction mode (spec 10.3), plus ``bifrost generate``.
+"""The Bifrost-1 generation pipeline (docs/design.md §8) and reconstruction mode (docs/design.md §10.3), plus ``bifrost generate``.
 
     pipe = build_pipeline(config, workdir)                      # or BifrostPipeline(...) from modules + variables
     images = pipe.generate(["a red circle"], num_images_per_prompt=4, seed=42)      # uint8 (B, H, W, 3)
@@ -8,11 +8,11 @@
 
 1. MAR decoding of the N patch-level CLIP latents (``sample.mar.mar_decode``) from the chat-formatted prompt
    (``data.prompt.build_t2i_prompt``); the unconditional prompt "" is built and run only when ``mllm_cfg != 1``.
-2. FLUX's text encoders on the RAW user prompt (spec 8.2): any ``encode_text(prompts) -> (prompt_embeds (B, L, D),
+2. FLUX's text encoders on the RAW user prompt (docs/design.md §8.2): any ``encode_text(prompts) -> (prompt_embeds (B, L, D),
    pooled (B, P))``; ``FluxTextEncoder`` is the T5 + CLIP one.
 3. Flow-matching Euler sampling (``sample.flow``: FLUX.1-dev's dynamic shift from the packed-token count) of FLUX
    with the latent ControlNet. The ControlNet's condition embedding (2x upsampler + zero-init Linear) does not depend
-   on the timestep and is computed ONCE per image before the loop (spec 7.5); each step the ControlNet turns it into
+   on the timestep and is computed ONCE per image before the loop (docs/design.md §7.5); each step the ControlNet turns it into
    residuals (times ``conditioning_scale``), injected into FLUX. The distilled guidance value goes to both models
    (when their config has ``guidance_embeds``).
 4. Unpack, VAE decode of ``latents / scaling + shift``, [-1, 1] -> uint8.
@@ -149,7 +149,7 @@ class FluxTextEncoder:
 
 @dataclasses.dataclass
 class SamplingOptions:
-    """Defaults of the released evaluation (spec 8): 256 MAR steps (one slot per step), no MLLM CFG, 28 FLUX steps,
+    """Defaults of the released evaluation (docs/design.md §8): 256 MAR steps (one slot per step), no MLLM CFG, 28 FLUX steps,
     guidance 3.5, ControlNet scale 0.7, 4 images per prompt, seed 42."""
     num_images_per_prompt: int = 4
     seed: int = 42

@@ -8,7 +8,7 @@ checkpoint must match it (a mismatch is an error naming the weights).
 
 TINY sizes run a step in a fraction of a second on CPU (tests, demo). They are chained: ViT view 112 px -> 4x4
 CLIP latents -> (upsampled) 8x8 FLUX tokens -> 16x16 latents -> 32 px VAE view (VAE downsampling 2).
-FULL sizes are Qwen2.5-VL-7B + FLUX.1-dev (spec 1-2): 448 px ViT view, 256 latents, 512 px images.
+FULL sizes are Qwen2.5-VL-7B + FLUX.1-dev (docs/design.md §1-§2): 448 px ViT view, 256 latents, 512 px images.
 """
 from __future__ import annotations
 

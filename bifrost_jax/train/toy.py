@@ -19,6 +19,7 @@ from bifrost_jax.models import flops
 from bifrost_jax.nn.layers import Dense
 from bifrost_jax.nn.stack import maybe_remat, stack_name
 from bifrost_jax.train.phases import Phase
+from bifrost_jax.train.state import merge_params
 
 Dtype = Any
 
@@ -110,7 +111,6 @@ class ToyPhase(Phase):
         return path[0] != "encoder"
 
     def loss_fn(self, trainable, frozen, mutable, batch, rng):
-        from bifrost_jax.train.state import merge_params
         x = batch["x"]
         if self.input_noise:
             # Uses the step RNG, so a resumed run must restore it to reproduce the trajectory.

@@ -1,9 +1,8 @@
-"""Full-size generation config for ``bifrost aot --phase generate`` (engineer M): Qwen2.5-VL-7B MLLM with its
+"""Full-size generation config for ``bifrost aot --phase generate``: Qwen2.5-VL-7B MLLM with its
 generation branch (256 CLIP-latent slots, 300-token prompts) + FLUX.1-dev with the 4 double / 1 single latent
 ControlNet at 512 px, bf16 weights, scanned layers. Only the model shapes matter: AOT compiles with abstract weights.
 
-    PYTHONPATH=. /work/tpuvenv/bin/python -m bifrost_jax.cli aot --config configs/full/generate_aot.py \
-        --phase generate --topology v5p:2x2x1
+    bifrost aot --config configs/full/generate_aot.py --phase generate --topology v5p:2x2x1   # needs libtpu
 """
 import ml_collections
 
@@ -23,6 +22,6 @@ def get_config():
                                                              clip_latent_dim=QWEN_VL_7B_TEXT["hidden_size"],
                                                              clip_grid=(16, 16))))
     c.t5 = ml_collections.ConfigDict(dict(max_length=512))
-    # released defaults (spec 8): no MLLM-side CFG, FLUX distilled guidance 3.5
-    c.sample = ml_collections.ConfigDict(dict(mllm_cfg=1.0, guidance=3.5, conditioning_scale=1.0))
+    # released defaults (docs/design.md §8.2): no MLLM-side CFG, FLUX distilled guidance 3.5, ControlNet scale 0.7
+    c.sample = ml_collections.ConfigDict(dict(mllm_cfg=1.0, guidance=3.5, conditioning_scale=0.7))
     return c

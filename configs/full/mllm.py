@@ -1,7 +1,7 @@
-"""Full-size ``mllm`` phase (stage B, spec 6): the generation branch of Qwen2.5-VL-7B (frozen language model and
+"""Full-size ``mllm`` phase (stage B, docs/design.md §6): the generation branch of Qwen2.5-VL-7B (frozen language model and
 ViT from ``mllm.port_dir``; branch copied from the loaded weights), 448 px ViT view -> 256 CLIP-latent targets,
 300-token left-padded prompts, MAR masking (truncated normal on [0.7, 1], mean 1, std 0.25), MSE on all slots.
-Hyper-parameters from the experiment names of spec 6.3 (lr 5e-4, 5k warm-up, 50k steps); batch unknown.
+Hyper-parameters from the experiment names of docs/design.md §6.3 (lr 5e-4, 5k warm-up, 50k steps); batch unknown.
 """
 import ml_collections
 

@@ -1,4 +1,4 @@
-"""FLUX ControlNets: the stock diffusers ``FluxControlNetModel`` and Bifrost-1's latent ControlNet (spec section 7).
+"""FLUX ControlNets: the stock diffusers ``FluxControlNetModel`` and Bifrost-1's latent ControlNet (docs/design.md §7).
 
 Both run copies of the first FLUX blocks on ``x_embedder(noisy latents) + embed_condition(condition)`` and return,
 for every block, its image-token output through a zero-initialised Linear times ``conditioning_scale``: the
@@ -10,7 +10,7 @@ accepts lists.
   through a zero-init Linear ``controlnet_x_embedder``. ``num_mode`` (ControlNet-Union) is supported; the
   ``conditioning_embedding_channels`` pixel hint block is not.
 - ``LatentControlNet``: the condition is Bifrost-1's patch-level CLIP latents (B, h*w, C_clip) -> ``LatentUpsampler``
-  (2x, BatchNorm) -> zero-init Linear(C_clip -> D). ``embed_condition`` computes that once per image (spec 7.5); pass
+  (2x, BatchNorm) -> zero-init Linear(C_clip -> D). ``embed_condition`` computes that once per image (docs/design.md §7.5); pass
   its result as ``controlnet_cond_embedding`` at every denoising step. Training updates the BatchNorm statistics:
   ``apply(..., train=True, mutable=["batch_stats"])``.
 
@@ -187,7 +187,7 @@ class FluxControlNetModel(nn.Module):
 
 
 class LatentControlNet(FluxControlNetModel):
-    """Bifrost-1's latent ControlNet (spec 7.1): ``controlnet_cond`` is (B, h*w, C_clip) patch-level CLIP latents,
+    """Bifrost-1's latent ControlNet (docs/design.md §7.1): ``controlnet_cond`` is (B, h*w, C_clip) patch-level CLIP latents,
     ``(h, w) = config.clip_grid``; the image tokens must be the (2h, 2w) FLUX packed grid, row-major."""
 
     def setup(self):
@@ -200,7 +200,7 @@ class LatentControlNet(FluxControlNetModel):
 
     def embed_condition(self, controlnet_cond, train: bool = False):
         """(B, h*w, C_clip) -> (B, 4*h*w, D): upsample 2x, then the zero-init Linear. Independent of the timestep:
-        compute it once per image (spec 7.5). ``train`` uses batch statistics (and needs mutable batch_stats)."""
+        compute it once per image (docs/design.md §7.5). ``train`` uses batch statistics (and needs mutable batch_stats)."""
         return self.controlnet_x_embedder(self.up_sampling_block(controlnet_cond, train=train))
 
 

@@ -1,4 +1,4 @@
-"""Bifrost-1's learned 2x latent upsampler (spec 7.1 item 2): the ``up_sampling_block`` of the latent ControlNet.
+"""Bifrost-1's learned 2x latent upsampler (docs/design.md §7.1 item 2): the ``up_sampling_block`` of the latent ControlNet.
 
 It lifts the (h*w) grid of Qwen2.5-VL merger latents (16x16 for a 448-px image) onto the FLUX packed-token grid
 (32x32 for 512 px). Mirrors ``NHWCUpsampleBlock`` of the official ``bifrost/models/flux_cnet/controlnet_flux.py``::
@@ -30,7 +30,7 @@ Dtype = Any
 class ConvTranspose2x2(nn.Module):
     """``torch.nn.ConvTranspose2d(C_in, C_out, kernel_size=2, stride=2)`` on NHWC, weight kept in PyTorch layout
     (C_in, C_out, 2, 2). The taps do not overlap, so each input pixel writes one 2x2 output patch: an einsum plus a
-    depth-to-space reshape (spec 12.2), free of ConvTranspose kernel-flip conventions."""
+    depth-to-space reshape (docs/design.md §12.2), free of ConvTranspose kernel-flip conventions."""
     features: int
     use_bias: bool = True
     dtype: Dtype = jnp.bfloat16

@@ -1,11 +1,11 @@
 """Qwen2.5-VL vision tower (transformers ``Qwen2_5_VisionTransformerPretrainedModel``) in Flax Linen.
 
 It produces Bifrost-1's "patch-level CLIP latents": the 2x2-merged ViT tokens, in row-major merged-grid order
-(spec section 5). Differences from the PyTorch layout, all output-preserving:
+(docs/design.md §5). Differences from the PyTorch layout, all output-preserving:
 
 - Images are batched as ``(B, patches, 1176)`` and all images of a batch share one static (H, W); attention is
   computed per image (full blocks) or per window (window blocks), never with one dense mask over the batch (the
-  official code's memory trap, spec 5.4).
+  official code's memory trap, docs/design.md §5.4).
 - Tokens live in a *padded window layout* from the patch embedding to the merger: windows in row-major order,
   each holding ``w x w`` merged units (padded where the merged grid does not divide into windows), each unit its
   4 patches. This is the PyTorch window permutation with fixed-size windows, so window attention is a reshape
