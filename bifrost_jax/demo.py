@@ -333,7 +333,7 @@ def staged_generate(pipe, prompts: Sequence[str], *, seed: int, mar_steps: int |
     else:
         latents = jnp.asarray(clip_latents, jnp.float32)
     t1 = time.perf_counter()
-    embeds, pooled = pipe._text(list(prompts))
+    embeds, pooled = pipe.encode_prompts(list(prompts))
     packed = pipe.sample_flux(latents, embeds, pooled, pipe.noise(split[:, 1], 1), flux_steps=flux_steps,
                               guidance=o.guidance,
                               conditioning_scale=o.conditioning_scale if conditioning_scale is None

@@ -19,6 +19,7 @@ import bifrost_jax.sample.images as I
 import bifrost_jax.sample.pipeline as P
 from bifrost_jax.configs import load_config_file
 from bifrost_jax.data.prompt import build_t2i_prompt, build_uncond_prompt
+from bifrost_jax.models.bifrost import random_orders
 from bifrost_jax.models.flux.vae import latent_image_ids
 from bifrost_jax.parallel.mesh import make_mesh
 from bifrost_jax.sample.mar import mar_decode
@@ -36,7 +37,8 @@ def pipe():
 
 @pytest.fixture(scope="module")
 def generated(pipe):
-    images, latents = pipe.generate(PROMPTS, seed=1, return_latents=True)
+    out = pipe.generate(PROMPTS, seed=1, return_latents=True)
+    images, latents = out.images, out.clip_latents
     return images, latents
 
 
@@ -52,12 +54,36 @@ def test_generate_shapes_and_seeding(pipe, generated):
     other = pipe.generate(PROMPTS, seed=2)
     assert np.abs(other.astype(int) - images).mean() > 1.0  # another seed -> other images
     # per-prompt seeding: a prompt's images do not depend on its position in the batch (same shapes: no recompile)
-    swapped, swapped_latents = pipe.generate(PROMPTS[::-1], seed=1, return_latents=True)
+    out = pipe.generate(PROMPTS[::-1], seed=1, return_latents=True)
+    swapped, swapped_latents = out.images, out.clip_latents
     assert max_rel_err(swapped_latents[:K], latents[K:]) <= 1e-4
     assert max_rel_err(swapped_latents[K:], latents[:K]) <= 1e-4
     assert np.abs(swapped[:K].astype(int) - images[K:]).max() <= 1
     # ... and the K images of one prompt differ from each other (own MAR orders and noise per row)
     assert max_rel_err(latents[0], latents[1]) > 1e-3
+
+
+def test_every_random_input_can_be_given_and_every_stage_returned(pipe, generated):
+    """generate(seed) == generate(orders, noise) with the orders and noise that seed draws (another seed then
+    changes nothing); float images round to the uint8 ones; the returned FLUX latents decode to the images."""
+    images, latents = generated
+    keys = jax.vmap(jax.random.split)(jnp.stack([jax.random.PRNGKey(1)] * len(PROMPTS)))
+    n_tok = pipe.mllm.config.num_image_tokens
+    orders = np.concatenate([np.asarray(random_orders(key, K, n_tok)) for key in keys[:, 0]])
+    noise = np.asarray(pipe.noise(keys[:, 1], K))
+    given = pipe.generate(PROMPTS, seed=999, orders=orders, noise=noise, return_latents=True)
+    np.testing.assert_array_equal(given.images, images)
+    np.testing.assert_array_equal(given.clip_latents, latents)
+    other = pipe.generate(PROMPTS, seed=1, orders=orders[:, ::-1].copy(), return_latents=True)
+    assert max_rel_err(other.clip_latents, latents) > 1e-3  # the orders are used
+    floats = pipe.generate(PROMPTS, seed=1, output_type="float")
+    assert floats.dtype == np.float32 and floats.shape == images.shape
+    np.testing.assert_array_equal(np.asarray(P.to_uint8(jnp.asarray(floats))), images)
+    np.testing.assert_array_equal(np.asarray(pipe.decode(jnp.asarray(given.flux_latents))), images)
+    with pytest.raises(ValueError, match="orders"):
+        pipe.generate(PROMPTS, orders=orders[:1])
+    with pytest.raises(ValueError, match="noise"):
+        pipe.generate(PROMPTS, noise=noise[:, :1])
 
 
 def test_raw_prompt_to_text_encoders_chat_prompt_to_mllm(pipe, monkeypatch):
@@ -180,7 +206,8 @@ def test_sharded_equals_unsharded(pipe, generated):
     mesh = make_mesh({"data": 2, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:2])
     sharded = B.build_pipeline(load_config_file(TINY), mesh=mesh)  # variables placed on the mesh
     assert sharded._batch_shards() == 2
-    images, latents = sharded.generate(PROMPTS, seed=1, return_latents=True)
+    out = sharded.generate(PROMPTS, seed=1, return_latents=True)
+    images, latents = out.images, out.clip_latents
     assert max_rel_err(latents, generated[1]) <= 1e-4
     assert np.abs(images.astype(int) - generated[0]).max() <= 1
 

@@ -61,6 +61,19 @@ def order_ranks(orders):
     return jnp.argsort(orders, axis=-1).astype(jnp.int32)
 
 
+def resolve_orders(rng, orders, batch: int, num_tokens: int):
+    """int32 (B, N) decoding orders: ``orders`` when given (checked to be permutations' shape), else drawn from
+    ``rng`` (``models.bifrost.random_orders``)."""
+    if orders is None:
+        if rng is None:
+            raise ValueError("MAR decoding needs rng (to draw the orders) or orders")
+        return random_orders(rng, batch, num_tokens)
+    orders = jnp.asarray(orders, jnp.int32)
+    if orders.shape != (batch, num_tokens):
+        raise ValueError(f"orders: shape {orders.shape}, expected (batch, num_image_tokens) = {(batch, num_tokens)}")
+    return orders
+
+
 def _initial_tokens(model, variables, batch_size):
     """(B, N, C) float32: every slot holds the mask token (what the official loop starts from)."""
     c = model.config
@@ -92,11 +105,11 @@ def _guide(pred, cfg_weight):
 # the fast formulation
 
 @functools.partial(jax.jit, static_argnames=("model", "num_steps", "guided"))
-def _mar_decode(model, variables, input_ids, attention_mask, rng, uncond_input_ids, uncond_attention_mask,
+def _mar_decode(model, variables, input_ids, attention_mask, orders, uncond_input_ids, uncond_attention_mask,
                 cfg_weight, *, num_steps, guided):
     batch = input_ids.shape[0]
     num_tokens = model.config.num_image_tokens
-    ranks = order_ranks(random_orders(rng, batch, num_tokens))
+    ranks = order_ranks(orders)
     remaining = jnp.asarray(mar_schedule(num_tokens, num_steps))
     if guided:
         input_ids = jnp.concatenate([uncond_input_ids, input_ids], axis=0)
@@ -117,18 +130,20 @@ def _mar_decode(model, variables, input_ids, attention_mask, rng, uncond_input_i
     return jax.lax.fori_loop(0, num_steps, step, _initial_tokens(model, variables, batch))
 
 
-def mar_decode(model, variables, input_ids, attention_mask, rng, *, num_steps: int, cfg_weight: float = 1.0,
-               uncond_input_ids=None, uncond_attention_mask=None):
+def mar_decode(model, variables, input_ids, attention_mask, rng=None, *, num_steps: int, cfg_weight: float = 1.0,
+               uncond_input_ids=None, uncond_attention_mask=None, orders=None):
     """Decode the N CLIP latents (B, N, C) float32 for text prefixes ``input_ids`` / ``attention_mask`` (B, T)
     (``data.prompt.build_t2i_prompt``).
 
-    ``rng`` draws the per-image orders (deterministic given it). ``num_steps`` can be anything >= 1 (N = one slot
+    ``rng`` draws the per-image orders (deterministic given it), or ``orders`` (B, N) gives them (slot
+    ``orders[b, k]`` is the k-th to stay masked: see the module docstring). ``num_steps`` can be anything >= 1 (N = one slot
     per step = the official default). With ``cfg_weight != 1`` the unconditional prefixes are required and the
     model runs on [uncond; cond]; with ``cfg_weight == 1`` they are ignored and never run."""
     guided = _check_cfg(cfg_weight, input_ids, uncond_input_ids, uncond_attention_mask)
     if not guided:
         uncond_input_ids = uncond_attention_mask = None
-    return _mar_decode(model, variables, jnp.asarray(input_ids), jnp.asarray(attention_mask), rng,
+    orders = resolve_orders(rng, orders, np.shape(input_ids)[0], model.config.num_image_tokens)
+    return _mar_decode(model, variables, jnp.asarray(input_ids), jnp.asarray(attention_mask), orders,
                        None if uncond_input_ids is None else jnp.asarray(uncond_input_ids),
                        None if uncond_attention_mask is None else jnp.asarray(uncond_attention_mask),
                        jnp.float32(cfg_weight), num_steps=int(num_steps), guided=guided)

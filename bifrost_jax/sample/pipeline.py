@@ -1,26 +1,31 @@
-"""The Bifrost-1 generation pipeline (docs/design.md §8) and reconstruction mode (docs/design.md §10.3), plus ``bifrost generate``.
+"""The Bifrost-1 generation pipeline (docs/design.md §8) and reconstruction mode (§10.3).
 
-    pipe = build_pipeline(config, workdir)                      # or BifrostPipeline(...) from modules + variables
+    pipe = build_pipeline(config)                   # sample/build.py; or pipeline_from_workdir(WORKDIR), or
+                                                    # BifrostPipeline(...) from modules + variables
     images = pipe.generate(["a red circle"], num_images_per_prompt=4, seed=42)      # uint8 (B, H, W, 3)
-    recon = pipe.reconstruct(real_images_uint8)                  # ViT latents of real images -> ControlNet + FLUX
+    recon = pipe.reconstruct(real_images_uint8)     # ViT latents of real images -> ControlNet + FLUX
 
-``generate`` runs four jitted, static-shape stages:
+``generate`` runs four jitted, static-shape stages, each also a public method:
 
-1. MAR decoding of the N patch-level CLIP latents (``sample.mar.mar_decode``) from the chat-formatted prompt
-   (``data.prompt.build_t2i_prompt``); the unconditional prompt "" is built and run only when ``mllm_cfg != 1``.
-2. FLUX's text encoders on the RAW user prompt (docs/design.md §8.2): any ``encode_text(prompts) -> (prompt_embeds (B, L, D),
-   pooled (B, P))``; ``FluxTextEncoder`` is the T5 + CLIP one.
-3. Flow-matching Euler sampling (``sample.flow``: FLUX.1-dev's dynamic shift from the packed-token count) of FLUX
-   with the latent ControlNet. The ControlNet's condition embedding (2x upsampler + zero-init Linear) does not depend
-   on the timestep and is computed ONCE per image before the loop (docs/design.md §7.5); each step the ControlNet turns it into
-   residuals (times ``conditioning_scale``), injected into FLUX. The distilled guidance value goes to both models
-   (when their config has ``guidance_embeds``).
-4. Unpack, VAE decode of ``latents / scaling + shift``, [-1, 1] -> uint8.
+1. ``decode_latents``: MAR decoding of the N patch-level CLIP latents (``sample.mar.mar_decode``) from the
+   chat-formatted prompt (``data.prompt.build_t2i_prompt``); the unconditional prompt "" is built and run only when
+   ``mllm_cfg != 1``.
+2. ``encode_prompts``: FLUX's text encoders on the RAW user prompt (§8.2): any ``encode_text(prompts) ->
+   (prompt_embeds (B, L, D), pooled (B, P))``; ``FluxTextEncoder`` is the T5 + CLIP one.
+3. ``sample_flux``: flow-matching Euler sampling (``sample.flow``: FLUX.1-dev's dynamic shift from the packed-token
+   count) of FLUX with the latent ControlNet. The ControlNet's condition embedding (2x upsampler + zero-init
+   Linear) does not depend on the timestep and is computed ONCE per image before the loop (§7.5); each step the
+   ControlNet turns it into residuals (times ``conditioning_scale``), injected into FLUX. The distilled guidance
+   value goes to both models (when their config has ``guidance_embeds``).
+4. ``decode``: unpack, VAE decode of ``latents / scaling + shift``, [-1, 1] -> uint8 (or float).
 
-Seeding follows the official script: every prompt re-seeds with ``seed`` (or its own entry of a list of seeds), so
-the images of a prompt depend on (prompt, seed) only, never on the other prompts of the batch, the batch size, or
-the hosts/devices it was sharded over (which makes sharded evaluation reproducible). From a prompt's key come the
-MAR orders of its ``num_images_per_prompt`` rows and their FLUX noise.
+What a seed reproduces (§8.2): every prompt re-seeds with ``seed`` (or its own entry of a list of seeds), as the
+official script re-seeds its torch generator per prompt, so the images of a prompt depend on (prompt, seed) only,
+never on the other prompts of the batch, the batch size, or the hosts/devices it was sharded over (sharded
+evaluation is reproducible). A prompt's JAX key gives the MAR orders of its ``num_images_per_prompt`` rows and their
+FLUX noise, drawn in packed layout. The same seed therefore does NOT reproduce the official images: the official
+loop draws its orders from numpy's unseeded global generator, and its FLUX noise from torch's generator in the
+unpacked layout. To reproduce an official run, pass its ``orders`` and (packed) ``noise`` to ``generate``.
 
 The latent grid sets the image size: CLIP grid (h, w) -> FLUX packed grid (2h, 2w) -> VAE latent (4h, 4w) -> pixels
 (4h * f, 4w * f) with f the VAE downsampling (8 for FLUX: 16x16 -> 512x512).
@@ -41,7 +46,7 @@ import numpy as np
 
 from bifrost_jax.data.prompt import build_t2i_prompt, build_uncond_prompt
 from bifrost_jax.data.qwen_image import patchify
-from bifrost_jax.models.bifrost import BifrostMLLM
+from bifrost_jax.models.bifrost import BifrostMLLM, random_orders
 from bifrost_jax.models.flux.controlnet import LatentControlNet
 from bifrost_jax.models.flux.transformer import FluxTransformer2DModel
 from bifrost_jax.models.flux.vae import AutoencoderKL, latent_image_ids, unpack_latents
@@ -59,13 +64,13 @@ TextEncodeFn = Callable[[Sequence[str]], tuple[Any, Any]]
 # jitted stages (modules are static: hashable frozen dataclasses)
 
 @functools.partial(jax.jit, static_argnames=("model", "num_steps", "cfg_weight"))
-def _mar_stage(model, variables, input_ids, attention_mask, uncond_input_ids, uncond_attention_mask, keys, *,
+def _mar_stage(model, variables, input_ids, attention_mask, uncond_input_ids, uncond_attention_mask, orders, *,
                num_steps: int, cfg_weight: float):
-    """(P, K, N, C): ``mar_decode`` per prompt (vmapped), each prompt with its own key for its K rows."""
-    def one(ids, am, uids, uam, key):
-        return mar_decode(model, variables, ids, am, key, num_steps=num_steps, cfg_weight=cfg_weight,
-                          uncond_input_ids=uids, uncond_attention_mask=uam)
-    return jax.vmap(one)(input_ids, attention_mask, uncond_input_ids, uncond_attention_mask, keys)
+    """(P, K, N, C): ``mar_decode`` per prompt (vmapped), each prompt with its own (K, N) orders."""
+    def one(ids, am, uids, uam, prompt_orders):
+        return mar_decode(model, variables, ids, am, num_steps=num_steps, cfg_weight=cfg_weight,
+                          uncond_input_ids=uids, uncond_attention_mask=uam, orders=prompt_orders)
+    return jax.vmap(one)(input_ids, attention_mask, uncond_input_ids, uncond_attention_mask, orders)
 
 
 def flux_velocity_fn(transformer, controlnet, transformer_variables, controlnet_variables, cond_embedding,
@@ -103,10 +108,11 @@ def to_uint8(images):
     return jnp.round(x * 255.0).astype(jnp.uint8)
 
 
-@functools.partial(jax.jit, static_argnames=("vae", "latent_hw"))
-def _decode_stage(vae, vae_variables, packed, *, latent_hw):
+@functools.partial(jax.jit, static_argnames=("vae", "latent_hw", "output_type"))
+def _decode_stage(vae, vae_variables, packed, *, latent_hw, output_type):
     z = vae.config.diffusion_to_latents(unpack_latents(packed.astype(jnp.float32), *latent_hw))
-    return to_uint8(vae.apply(vae_variables, z, method=vae.decode))
+    images = vae.apply(vae_variables, z, method=vae.decode)
+    return to_uint8(images) if output_type == "uint8" else images.astype(jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("vision", "grid_thw"))
@@ -158,6 +164,27 @@ class SamplingOptions:
     flux_steps: int = 28
     guidance: float = 3.5
     conditioning_scale: float = 0.7
+
+
+@dataclasses.dataclass
+class Generation:
+    """What ``BifrostPipeline.generate(..., return_latents=True)`` returns (rows as the images)."""
+    images: np.ndarray          # uint8 (B, H, W, 3), or float32 in [-1, 1] with output_type="float"
+    clip_latents: np.ndarray    # float32 (B, N, C_clip): the MAR-decoded patch-level CLIP latents
+    flux_latents: np.ndarray    # float32 (B, S_img, C): FLUX's packed latents after sampling, before the VAE
+
+
+def _check_rows(x, rows: int, what: str, trailing: tuple | None = None):
+    shape = tuple(np.shape(x))
+    if not shape or shape[0] != rows or (trailing is not None and shape[1:] != tuple(trailing)):
+        want = (rows,) + (tuple(trailing) if trailing is not None else ("...",))
+        raise ValueError(f"generate: {what} of shape {shape}, expected {want} (prompts x images per prompt first)")
+    return x
+
+
+def _pad_rows(x, pad: int):
+    x = jnp.asarray(x)
+    return jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)]) if pad else x
 
 
 @dataclasses.dataclass
@@ -252,9 +279,11 @@ class BifrostPipeline:
         return axis_rules(self.mesh)
 
     # -- stages --------------------------------------------------------------------------------------------------
-    def decode_latents(self, prompts: Sequence[str], keys, *, num_images_per_prompt: int, mar_steps: Optional[int],
-                       mllm_cfg: float):
-        """(P, K, N, C) float32 CLIP latents by MAR decoding; ``keys`` (P, 2): one PRNG key per prompt."""
+    def decode_latents(self, prompts: Sequence[str], keys=None, *, num_images_per_prompt: int,
+                       mar_steps: Optional[int], mllm_cfg: float, orders=None):
+        """(P, K, N, C) float32 CLIP latents by MAR decoding. The decoding orders come from ``keys`` (P, 2), one
+        PRNG key per prompt drawing its K rows' orders (``models.bifrost.random_orders``), or are given as
+        ``orders`` (P, K, N)."""
         if self.mllm is None or self.tokenizer is None:
             raise ValueError("generate needs the MLLM and its tokenizer")
         p, k = len(prompts), num_images_per_prompt
@@ -264,12 +293,21 @@ class BifrostPipeline:
         if float(mllm_cfg) != 1.0:  # the uncond prompt "" is neither built nor run without CFG
             u_ids, u_am = build_uncond_prompt(self.tokenizer, 1, max_length=self.max_prompt_length)
             uids, uam = np.broadcast_to(u_ids, (p, k, ids.shape[1])), np.broadcast_to(u_am, (p, k, ids.shape[1]))
-        steps = self.mllm.config.num_image_tokens if mar_steps is None else int(mar_steps)
+        n_tok = self.mllm.config.num_image_tokens
+        steps = n_tok if mar_steps is None else int(mar_steps)
+        if orders is None:
+            if keys is None:
+                raise ValueError("decode_latents: give keys (to draw the orders) or orders")
+            orders = jax.vmap(lambda key: random_orders(key, k, n_tok))(jnp.asarray(keys))
+        orders = jnp.asarray(orders, jnp.int32)
+        if orders.shape != (p, k, n_tok):
+            raise ValueError(f"decode_latents: orders of shape {orders.shape}, expected (prompts, images per prompt, "
+                             f"num_image_tokens) = {(p, k, n_tok)}")
         # no logical-axis rules here: under the vmap over prompts the model's "batch" constraints would name the
         # rows of ONE prompt; the prompt axis carries the input sharding instead
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
             return _mar_stage(self.mllm, self.mllm_variables, self._put(rep(ids)), self._put(rep(am)),
-                              self._put(uids), self._put(uam), self._put(keys), num_steps=steps,
+                              self._put(uids), self._put(uam), self._put(orders), num_steps=steps,
                               cfg_weight=float(mllm_cfg))
 
     def sigmas(self, flux_steps: int) -> np.ndarray:
@@ -288,10 +326,14 @@ class BifrostPipeline:
                                self._put(pooled), self._put(noise), jnp.asarray(self.sigmas(flux_steps)), img_ids,
                                txt_ids, jnp.float32(guidance), jnp.float32(conditioning_scale))
 
-    def decode(self, packed):
-        """uint8 images (B, H, W, 3) from packed FLUX latents."""
+    def decode(self, packed, *, output_type: str = "uint8"):
+        """Images (B, H, W, 3) from packed FLUX latents: uint8 (``output_type="uint8"``, as diffusers' image
+        processor rounds them) or the VAE's float32 output in [-1, 1] (``"float"``)."""
+        if output_type not in ("uint8", "float"):
+            raise ValueError(f"output_type={output_type!r}: use 'uint8' or 'float'")
         with self._context():
-            return _decode_stage(self.vae, self.vae_variables, packed, latent_hw=self.latent_hw)
+            return _decode_stage(self.vae, self.vae_variables, packed, latent_hw=self.latent_hw,
+                                 output_type=output_type)
 
     def noise(self, keys, num_images: int):
         """(len(keys) * num_images, S_img, C) float32: the FLUX starting noise, ``num_images`` rows per key."""
@@ -299,7 +341,8 @@ class BifrostPipeline:
         shape = (num_images, h * w, self.transformer.config.in_channels)
         return jax.vmap(lambda key: jax.random.normal(key, shape, jnp.float32))(keys).reshape((-1,) + shape[1:])
 
-    def _text(self, prompts: Sequence[str]):
+    def encode_prompts(self, prompts: Sequence[str]):
+        """FLUX's text conditioning of the raw prompts: (prompt_embeds (B, L, D), pooled (B, P)) float32."""
         embeds, pooled = self.encode_text(list(prompts))
         return jnp.asarray(embeds, jnp.float32), jnp.asarray(pooled, jnp.float32)
 
@@ -307,9 +350,15 @@ class BifrostPipeline:
     def generate(self, prompts: Sequence[str] | str, *, num_images_per_prompt: Optional[int] = None,
                  seed: int | Sequence[int] | None = None, mar_steps: Optional[int] = None,
                  mllm_cfg: Optional[float] = None, flux_steps: Optional[int] = None, guidance: Optional[float] = None,
-                 conditioning_scale: Optional[float] = None, return_latents: bool = False):
-        """uint8 images (P * K, H, W, 3), the K images of prompt p at rows p*K .. p*K+K-1. Unset options come from
-        ``self.options``. ``seed``: one for every prompt (the official re-seeding) or one per prompt."""
+                 conditioning_scale: Optional[float] = None, orders=None, noise=None, output_type: str = "uint8",
+                 return_latents: bool = False):
+        """Images (P * K, H, W, 3), the K images of prompt p at rows p*K .. p*K+K-1: uint8, or float32 in [-1, 1]
+        with ``output_type="float"``. Unset options come from ``self.options``.
+
+        Randomness: ``seed`` (one for every prompt, the official re-seeding, or one per prompt) gives each prompt a
+        key, split into its MAR key (the K rows' decoding orders) and its FLUX key (their starting noise). Either
+        can be given instead: ``orders`` int (P * K, N) and ``noise`` float (P * K, S_img, C) in packed layout.
+        ``return_latents=True`` returns a :class:`Generation` with the CLIP latents and FLUX latents too."""
         o = self.options
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
@@ -326,20 +375,29 @@ class BifrostPipeline:
         keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds_p])
         split = jax.vmap(jax.random.split)(keys)           # (P, 2, 2): MAR key, noise key
         mar_keys, noise_keys = split[:, 0], split[:, 1]
+        if orders is not None:
+            orders = _pad_rows(_check_rows(orders, n * k, "orders"), pad * k).reshape(n + pad, k, -1)
         latents = self.decode_latents(prompts_p, mar_keys, num_images_per_prompt=k,
                                       mar_steps=o.mar_steps if mar_steps is None else mar_steps,
-                                      mllm_cfg=o.mllm_cfg if mllm_cfg is None else mllm_cfg)
+                                      mllm_cfg=o.mllm_cfg if mllm_cfg is None else mllm_cfg, orders=orders)
         latents = latents.reshape((-1,) + latents.shape[2:])
-        embeds, pooled = self._text(prompts_p)
+        embeds, pooled = self.encode_prompts(prompts_p)
         embeds, pooled = jnp.repeat(embeds, k, axis=0), jnp.repeat(pooled, k, axis=0)
-        packed = self.sample_flux(latents, embeds, pooled, self.noise(noise_keys, k),
+        if noise is None:
+            noise = self.noise(noise_keys, k)
+        else:
+            h, w = self.packed_grid
+            noise = _check_rows(noise, n * k, "noise", (h * w, self.transformer.config.in_channels))
+            noise = _pad_rows(jnp.asarray(noise, jnp.float32), pad * k)
+        packed = self.sample_flux(latents, embeds, pooled, noise,
                                   flux_steps=o.flux_steps if flux_steps is None else flux_steps,
                                   guidance=o.guidance if guidance is None else guidance,
                                   conditioning_scale=(o.conditioning_scale if conditioning_scale is None
                                                       else conditioning_scale))
-        images = np.asarray(jax.device_get(self.decode(packed)))[:n * k]
+        images = np.asarray(jax.device_get(self.decode(packed, output_type=output_type)))[:n * k]
         if return_latents:
-            return images, np.asarray(jax.device_get(latents))[:n * k]
+            return Generation(images=images, clip_latents=np.asarray(jax.device_get(latents))[:n * k],
+                              flux_latents=np.asarray(jax.device_get(packed))[:n * k])
         return images
 
     def clip_latents_of(self, images) -> jax.Array:
@@ -371,7 +429,7 @@ class BifrostPipeline:
         base = jax.random.PRNGKey(o.seed if seed is None else int(seed))
         keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(indices, jnp.uint32))
         latents = self.clip_latents_of(images)
-        embeds, pooled = self._text(prompts)
+        embeds, pooled = self.encode_prompts(prompts)
         packed = self.sample_flux(latents, embeds, pooled, self.noise(keys, 1),
                                   flux_steps=o.flux_steps if flux_steps is None else flux_steps,
                                   guidance=o.guidance if guidance is None else guidance,
