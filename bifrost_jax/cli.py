@@ -26,7 +26,7 @@ def _available(handler) -> bool:
 
 COMMANDS = {
     "train": ("train a phase from a config", _delegate("bifrost_jax.train.loop", "main")),
-    "generate": ("generate images from prompts", _delegate("bifrost_jax.sample.cli", "main")),
+    "generate": ("generate images from prompts", _delegate("bifrost_jax.generate", "main")),
     "eval": ("sharded evaluation: geneval | reconstruction | shapes", _delegate("bifrost_jax.eval.run", "main")),
     "port": ("port a PyTorch checkpoint into an Orbax checkpoint", _delegate("bifrost_jax.port.cli", "main")),
     "cache-latents": ("precompute a phase's CLIP latents (frozen vision tower) for data.precomputed_clip_latents",

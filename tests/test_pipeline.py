@@ -14,7 +14,7 @@ from conftest import max_rel_err
 from PIL import Image
 
 import bifrost_jax.sample.build as B
-import bifrost_jax.sample.cli as C
+import bifrost_jax.generate as C
 import bifrost_jax.sample.images as I
 import bifrost_jax.sample.pipeline as P
 from bifrost_jax.configs import load_config_file

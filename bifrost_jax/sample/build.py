@@ -160,11 +160,9 @@ def _overlay_phase(variables, abstract, cc, workdir: Optional[str], name: str, s
             raise ValueError(f"config.{name}: source 'phase' needs config.{name}.phase and --checkpoint WORKDIR")
         return variables
     root = checkpoint_dir(workdir, phase)
-    if not os.path.isdir(root):
-        if strict:
-            raise FileNotFoundError(f"config.{name}: no checkpoint directory {root}")
-        print(f"{name}: no checkpoint of phase {phase!r} under {workdir}; using the {cc.source} weights")
-        return variables
+    if not os.path.isdir(root):  # a named checkpoint never silently falls back to the configured weights
+        raise FileNotFoundError(f"config.{name}.phase={phase!r}: no checkpoint directory {root} under --checkpoint "
+                                f"{workdir}")
     prefix = tuple(p for p in _opt(cc, "phase_subtree", "").split(".") if p)
     flat = {(k[0],) + prefix + k[1:]: v for k, v in _flat(abstract).items()}
     saved = checkpoint_param_shapes(resolve_step_dir(root))
@@ -212,7 +210,14 @@ def _word_tokenizer_dir(words: Sequence[str]) -> str:
 def build_pipeline(config, workdir: Optional[str] = None, *, mesh=None) -> BifrostPipeline:
     """A ``BifrostPipeline`` from an ml_collections config (schema: ``BUILD_DOC``) and an optional training
     WORKDIR whose phase checkpoints override the configured weights."""
-
+    if workdir is not None:
+        if not os.path.isdir(workdir):
+            raise FileNotFoundError(f"--checkpoint {workdir}: no such directory")
+        takers = [n for n in ("mllm", "transformer", "controlnet", "vae", "t5", "clip", "vision")
+                  if n in config and _opt(config[n], "phase", "")]
+        if not takers:
+            raise ValueError(f"--checkpoint {workdir}: no component of this config takes weights from it (set "
+                             "config.<component>.phase); without --config the workdir's own saved configs are used")
     dtype, param_dtype = _dtype(_opt(config, "dtype", "bfloat16")), _dtype(_opt(config, "param_dtype", "float32"))
     if mesh is None and _opt(config, "mesh", None) is not None:
         mesh = make_mesh(_as_dict(config.mesh), devices=jax.local_devices())

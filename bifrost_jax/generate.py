@@ -1,4 +1,5 @@
-"""``bifrost generate``: images for prompts from a generation config and an optional training workdir."""
+"""``bifrost generate``: images for prompts, from a trained workdir (``--checkpoint WORKDIR``: the configs its
+phases recorded) or a generation config (``--config FILE``, optionally with a workdir's phase checkpoints)."""
 from __future__ import annotations
 
 import argparse
@@ -11,18 +12,21 @@ from typing import Optional, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from bifrost_jax.configs import parse_config_flags
-from bifrost_jax.sample.build import BUILD_DOC, build_pipeline
+from bifrost_jax.sample.build import BUILD_DOC
 from bifrost_jax.sample.images import make_grid, save_png
+from bifrost_jax.train.export import load_pipeline
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(
         prog="bifrost generate", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Generate images with Bifrost-1 (MLLM MAR decoding -> latent ControlNet + FLUX).\n"
-                    "Also takes --config FILE and --config.KEY=VALUE overrides.\n\n" + BUILD_DOC)
-    parser.add_argument("--checkpoint", default=None, help="training WORKDIR whose phase checkpoints are used")
+        description="Generate images with Bifrost-1 (MLLM MAR decoding -> latent ControlNet + FLUX).\n\n"
+                    "  bifrost generate --checkpoint WORKDIR --prompt '...' --out DIR      (a trained workdir)\n"
+                    "  bifrost generate --config FILE [--config.KEY=VALUE ...] --prompt '...' --out DIR\n\n"
+                    "Without --config the workdir's controlnet and mllm phases rebuild the pipeline from the "
+                    "configs their checkpoints recorded.\n\n" + BUILD_DOC)
+    parser.add_argument("--checkpoint", default=None, help="a training WORKDIR (its phase checkpoints)")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
     parser.add_argument("--num-images", type=int, default=None, help="images per prompt (default: config)")
     parser.add_argument("--seed", type=int, default=None, help="seed, re-used for every prompt (default: config)")
@@ -33,8 +37,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.prompt:
         parser.error("give at least one --prompt")
 
-    config, _ = parse_config_flags(rest)
-    pipe = build_pipeline(config, args.checkpoint)
+    pipe, config = load_pipeline(rest, args.checkpoint)
     k = pipe.options.num_images_per_prompt if args.num_images is None else args.num_images
     seed = pipe.options.seed if args.seed is None else args.seed
     os.makedirs(args.out, exist_ok=True)
@@ -54,7 +57,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "sampling": dataclasses.asdict(pipe.options) | {"seed": seed, "num_images_per_prompt": k,
                                                                **({"mar_steps": args.mar_steps}
                                                                   if args.mar_steps else {})},
-              "checkpoint": args.checkpoint, "files": files, "config": json.loads(config.to_json())}
+              "checkpoint": args.checkpoint, "files": files,
+              "config": json.loads(config.to_json()) if config is not None else None}
     with open(os.path.join(args.out, "config.json"), "w") as fh:
         json.dump(record, fh, indent=2)
     with open(os.path.join(args.out, "seed.txt"), "w") as fh:

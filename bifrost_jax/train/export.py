@@ -1,0 +1,135 @@
+"""A trained workdir as a generation pipeline, with no config file (docs/design.md §12.8).
+
+Every checkpoint step records the config its phase was trained with (the ``config`` item), hence every component
+section: model config, dtypes and weight source (``port_dir`` / ``init_from`` / a fixed-key random init). A
+pipeline is rebuilt from the ``controlnet`` and ``mllm`` phases of ``WORKDIR``:
+
+* each phase is built from its saved config (``train.registry.get_phase``);
+* its FROZEN weights come exactly as that run got them (``loop.initial_frozen``: the same ports, ``init_from``
+  checkpoints and fixed-key inits): the FLUX transformer and VAE of the ``controlnet`` phase are those of the
+  ``flux`` / ``vae`` runs it was started from, the MLLM's base those of its Qwen2.5-VL port;
+* its TRAINED weights (and BatchNorm statistics) are restored from its own checkpoint, strictly: every trained
+  weight must be there and nothing else of the model may be missing.
+
+A phase that is named but absent or has no checkpoint is an error naming the directory: a workdir never yields
+random weights. ``bifrost generate --checkpoint WORKDIR`` and ``bifrost eval ... --checkpoint WORKDIR`` use this
+when no ``--config`` is given; with a config, the config's sections are the source (``sample/build.py``).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from flax import traverse_util
+
+from bifrost_jax.configs import parse_config_flags
+from bifrost_jax.data.prompt import load_tokenizer
+from bifrost_jax.data.sources import word_tokenizer_dir
+from bifrost_jax.data.tokenizers import PaddedTokenizer
+from bifrost_jax.parallel.multislice import mesh_from_config
+from bifrost_jax.sample.build import build_pipeline
+from bifrost_jax.sample.pipeline import BifrostPipeline, FluxTextEncoder, SamplingOptions
+from bifrost_jax.train import checkpoint as ckpt
+from bifrost_jax.train.loop import initial_frozen
+from bifrost_jax.train.phases import Phase
+from bifrost_jax.train.registry import get_phase
+from bifrost_jax.train.state import StateBuilder, make_optimizer, merge_params
+
+PIPELINE_PHASES = ("controlnet", "mllm")
+
+
+def saved_config(workdir: str, phase: str, step: Optional[int] = None) -> ml_collections.ConfigDict:
+    """The config recorded in ``WORKDIR/<phase>/checkpoints`` (latest step, or ``step``)."""
+    root = ckpt.checkpoint_dir(workdir, phase)
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"{workdir}: no checkpoints of phase {phase!r} (expected {root}); train it first, "
+                                f"or pass --config to build the pipeline from a generation config")
+    step_dir = ckpt.resolve_step_dir(root, step)
+    config_dir = step_dir / "config"
+    if not config_dir.exists():
+        raise FileNotFoundError(f"{step_dir}: the checkpoint records no config (item 'config'): pass --config")
+    saved = ocp.JsonCheckpointHandler().restore(config_dir)
+    return ml_collections.ConfigDict(saved)
+
+
+def phase_variables(workdir: str, name: str, *, mesh=None, step: Optional[int] = None) -> tuple[Phase, dict]:
+    """(phase, ``{"params": ..., <mutable collections>}``) of a trained phase of ``workdir``: frozen weights as the
+    run initialised them, trained ones from its checkpoint."""
+    config = saved_config(workdir, name, step)
+    phase = get_phase(config)
+    mesh = mesh if mesh is not None else mesh_from_config(dict(config.mesh), devices=jax.local_devices())
+    tx, _ = make_optimizer(config.optim, int(config.train.steps))
+    builder = StateBuilder(phase, tx, mesh, seed=int(config.seed), ema=False)
+    frozen = initial_frozen(builder, phase, config)
+    trained = {"params": builder.abstract_state.params, **builder.abstract_state.mutable}
+    restored, _ = ckpt.restore_params(ckpt.checkpoint_dir(workdir, name), trained, step=step)
+    values = traverse_util.unflatten_dict(restored)
+    params = merge_params(values.get("params", {}), frozen)
+    return phase, {"params": params, **{c: v for c, v in values.items() if c != "params"}}
+
+
+def _component(variables: dict, name: str) -> dict:
+    """``{collection: tree}`` of one component of a phase's variables."""
+    return {c: tree[name] for c, tree in variables.items() if name in tree}
+
+
+def pipeline_from_workdir(workdir: str, *, options: Optional[SamplingOptions] = None, mesh=None,
+                          step: Optional[int] = None) -> BifrostPipeline:
+    """The ``BifrostPipeline`` of a trained workdir (its ``controlnet`` and ``mllm`` phases)."""
+    cn, cn_vars = phase_variables(workdir, "controlnet", mesh=mesh, step=step)
+    mp, mllm_vars = phase_variables(workdir, "mllm", mesh=mesh, step=step)
+    c = cn.config
+    vision_vars: Any = _component(cn_vars, "vision") or _component(mllm_vars, "vision")
+    if not vision_vars:  # both phases read CLIP latents from a cache: the tower they were built with
+        vision_vars = _frozen_vision(mp)
+    tok_dir = None if (c.t5.tokenizer_dir and c.clip.tokenizer_dir) else word_tokenizer_dir(c.data, None)
+    encode_text = FluxTextEncoder(cn.t5.module, _component(cn_vars, "t5"),
+                                  PaddedTokenizer(c.t5.tokenizer_dir or tok_dir, c.t5.max_length),
+                                  cn.clip.module, _component(cn_vars, "clip"),
+                                  PaddedTokenizer(c.clip.tokenizer_dir or tok_dir, c.clip.max_length))
+    m = mp.config
+    tokenizer = load_tokenizer(m.mllm.tokenizer_dir or word_tokenizer_dir(m.data, None))
+    return BifrostPipeline(
+        transformer=cn.transformer.module, transformer_variables=_component(cn_vars, "transformer"),
+        controlnet=cn.controlnet.module, controlnet_variables=_component(cn_vars, "controlnet"),
+        vae=cn.vae.module, vae_variables=_component(cn_vars, "vae"), encode_text=encode_text,
+        mllm=mp.mllm.module, mllm_variables=_component(mllm_vars, "mllm"), tokenizer=tokenizer,
+        max_prompt_length=int(m.mllm.max_prompt_length), vision=cn.vision.module, vision_variables=vision_vars,
+        mesh=mesh, options=options or SamplingOptions())
+
+
+def _frozen_vision(phase: Phase) -> dict:
+    """The vision tower of a phase that did not hold it (CLIP-latent cache): its configured weights."""
+    config = phase.config.copy_and_resolve_references()
+    config.data.precomputed_clip_latents = ""
+    with_tower = get_phase(config)
+    mesh = mesh_from_config(dict(config.mesh), devices=jax.local_devices())
+    tx, _ = make_optimizer(config.optim, int(config.train.steps))
+    frozen = initial_frozen(StateBuilder(with_tower, tx, mesh, seed=int(config.seed), ema=False), with_tower,
+                            config)
+    return {"params": frozen["vision"]}
+
+
+def has_config_flag(argv) -> bool:
+    return any(a == "--config" or a.startswith("--config=") for a in argv)
+
+
+def load_pipeline(config_argv, checkpoint: Optional[str]):
+    """The pipeline a command line asks for: ``--config FILE [--config.KEY=VALUE ...]`` (its sections, with the
+    phase checkpoints of ``checkpoint`` where they say so), or, without a config, the trained workdir
+    ``checkpoint`` itself. Returns ``(pipeline, config or None)``."""
+    argv = list(config_argv)
+    if has_config_flag(argv):
+        config, _ = parse_config_flags(argv)
+        return build_pipeline(config, checkpoint), config
+    if argv:
+        raise ValueError(f"unexpected arguments {argv} (config overrides need --config FILE)")
+    if not checkpoint:
+        raise ValueError("give --checkpoint WORKDIR (a trained workdir) or --config FILE (a generation config, e.g. "
+                         "configs/generate_tiny.py)")
+    if not os.path.isdir(checkpoint):
+        raise FileNotFoundError(f"--checkpoint {checkpoint}: no such directory")
+    return pipeline_from_workdir(checkpoint), None
