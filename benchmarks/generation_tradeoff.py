@@ -42,8 +42,8 @@ def main(argv=None) -> int:
         if demo_mod.latest_step(args.workdir, name) is None:
             raise SystemExit(f"no {name} checkpoint under {args.workdir}: run `bifrost demo --workdir "
                              f"{args.workdir}` first")
-    configs = demo_mod.phase_configs(cfg, args.workdir)
-    pipe = demo_mod.load_pipeline(configs, args.workdir, g)
+
+    pipe = demo_mod.load_pipeline(args.workdir, g)
     n = args.prompts or int(g.num_prompts)
     held = demo_mod.held_out_prompts(cfg, n, out_resolution=pipe.image_size[0], vit_resolution=pipe.vision_size[0])
     batch = min(int(g.batch), n)

@@ -27,27 +27,20 @@ import sys
 import time
 from typing import Any, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import traverse_util
 
 from bifrost_jax.configs import load_config_file
 from bifrost_jax.configs import parse_config_flags
 from bifrost_jax.data.preprocess import crop_box, decode_image, resize_crop
-from bifrost_jax.data.prompt import load_tokenizer
 from bifrost_jax.data.shapes import ShapesOptions, make_example, parse_caption
-from bifrost_jax.data.sources import word_tokenizer_dir
-from bifrost_jax.data.tokenizers import PaddedTokenizer
 from bifrost_jax.eval.shapes_checker import evaluate
-from bifrost_jax.sample.pipeline import BifrostPipeline, FluxTextEncoder, SamplingOptions
+from bifrost_jax.sample.pipeline import BifrostPipeline, SamplingOptions
 from bifrost_jax.sample.images import make_grid, save_png
-from bifrost_jax.train import checkpoint as ckpt
-from bifrost_jax.train.flux_phases import ControlNetPhase
 from bifrost_jax.train.loop import train
-from bifrost_jax.train.mllm_phase import MllmPhase
+from bifrost_jax.train.export import pipeline_from_workdir
 
 PHASE_ORDER = ("vae", "flux", "controlnet", "mllm")
 # phase -> the phases whose checkpoints it starts from (a forced phase forces its dependents)
@@ -228,58 +221,15 @@ def _write_json(path, obj):
 # ----------------------------------------------------------------------------------------------------------------
 # the trained pipeline
 
-def _restore(path: str, wanted: dict) -> dict:
-    """Flat ``{path: array}`` of the ``wanted`` variables (flat ``{path: array-like}``) from a phase checkpoint,
-    which must hold exactly them (strict both ways)."""
-
-
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = traverse_util.unflatten_dict({k: jax.ShapeDtypeStruct(np.shape(v), v.dtype, sharding=device)
-                                             for k, v in wanted.items()})
-    restored, _ = ckpt.restore_params(path, abstract)
-    return restored
-
-
-def load_pipeline(configs: dict, workdir: str, generate=None):
-    """A ``BifrostPipeline`` of the trained demo: trained weights from the four phase checkpoints, frozen ones
-    rebuilt from the fixed keys the phases initialised them with."""
-
-
-    cn_cfg, mllm_cfg = configs["controlnet"], configs["mllm"]
-    cn, mp = ControlNetPhase(cn_cfg), MllmPhase(mllm_cfg)
-    key = jax.random.PRNGKey(0)
-    cn_vars = traverse_util.flatten_dict(nn.meta.unbox(jax.jit(cn.init_variables)(key)))
-    mllm_vars = traverse_util.flatten_dict(nn.meta.unbox(jax.jit(mp.init_variables)(key)))
-    ckpt = lambda name: os.path.join(os.path.abspath(workdir), name, "checkpoints")  # noqa: E731
-    pick = lambda flat, pred: {k: v for k, v in flat.items() if pred(k)}  # noqa: E731
-    # trained: FLUX (flux), VAE (vae), ControlNet + its BatchNorm statistics (controlnet), the branch (mllm)
-    cn_vars.update(_restore(ckpt("flux"), pick(cn_vars, lambda k: k[:2] == ("params", "transformer"))))
-    cn_vars.update(_restore(ckpt("vae"), pick(cn_vars, lambda k: k[:2] == ("params", "vae"))))
-    cn_vars.update(_restore(ckpt("controlnet"), pick(cn_vars, lambda k: k[1] == "controlnet")))
-    mllm_vars.update(_restore(ckpt("mllm"), pick(mllm_vars, lambda k: k[0] == "params" and mp.is_trainable(k[1:]))))
-    v, mv = traverse_util.unflatten_dict(cn_vars), traverse_util.unflatten_dict(mllm_vars)
-    for a, b in zip(jax.tree.leaves(v["params"]["vision"]), jax.tree.leaves(mv["params"]["vision"])):
-        if not np.array_equal(np.asarray(a), np.asarray(b)):  # both phases must have seen the same frozen ViT
-            raise RuntimeError("the controlnet and mllm phases built different frozen vision towers")
-
-    tok_dir = word_tokenizer_dir(cn_cfg.data, None)
-    encode_text = FluxTextEncoder(cn.t5.module, {"params": v["params"]["t5"]},
-                                  PaddedTokenizer(tok_dir, cn_cfg.t5.max_length),
-                                  cn.clip.module, {"params": v["params"]["clip"]},
-                                  PaddedTokenizer(tok_dir, cn_cfg.clip.max_length))
+def load_pipeline(workdir: str, generate=None) -> BifrostPipeline:
+    """The trained demo's pipeline, built the way ``bifrost generate --checkpoint WORKDIR`` builds it
+    (``train/export.pipeline_from_workdir``), with the demo's sampling settings."""
     g = generate
     options = SamplingOptions() if g is None else SamplingOptions(
         num_images_per_prompt=int(g.images_per_prompt), seed=int(g.seed), mar_steps=int(g.mar_steps) or None,
         mllm_cfg=float(g.mllm_cfg), flux_steps=int(g.flux_steps), guidance=float(g.guidance),
         conditioning_scale=float(g.conditioning_scale))
-    return BifrostPipeline(
-        transformer=cn.transformer.module, transformer_variables={"params": v["params"]["transformer"]},
-        controlnet=cn.controlnet.module,
-        controlnet_variables={"params": v["params"]["controlnet"], "batch_stats": v["batch_stats"]["controlnet"]},
-        vae=cn.vae.module, vae_variables={"params": v["params"]["vae"]}, encode_text=encode_text,
-        mllm=mp.mllm.module, mllm_variables={"params": mv["params"]["mllm"]}, tokenizer=load_tokenizer(tok_dir),
-        max_prompt_length=int(mllm_cfg.mllm.max_prompt_length), vision=cn.vision.module,
-        vision_variables={"params": v["params"]["vision"]}, options=options)
+    return pipeline_from_workdir(workdir, options=options)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -372,7 +322,7 @@ def evaluate_demo(demo, configs: dict, workdir: str, *, num_prompts: int | None 
     out_dir = os.path.join(os.path.abspath(workdir), "demo")
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.perf_counter()
-    pipe = load_pipeline(configs, workdir, g)
+    pipe = load_pipeline(workdir, g)
     t_load = time.perf_counter() - t0
     n = int(num_prompts or g.num_prompts)
     res = pipe.image_size[0]

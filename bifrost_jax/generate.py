@@ -31,6 +31,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--num-images", type=int, default=None, help="images per prompt (default: config)")
     parser.add_argument("--seed", type=int, default=None, help="seed, re-used for every prompt (default: config)")
     parser.add_argument("--mar-steps", type=int, default=None, help="MAR decoding steps (default: config / N)")
+    parser.add_argument("--mllm-cfg", type=float, default=None, help="MLLM classifier-free guidance weight")
+    parser.add_argument("--flux-steps", type=int, default=None, help="FLUX Euler steps")
+    parser.add_argument("--guidance", type=float, default=None, help="FLUX distilled guidance")
+    parser.add_argument("--conditioning-scale", type=float, default=None, help="latent ControlNet residual scale")
     parser.add_argument("--batch-size", type=int, default=4, help="prompts per generation call")
     parser.add_argument("--out", required=True, help="output directory")
     args, rest = parser.parse_known_args(argv)
@@ -38,13 +42,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("give at least one --prompt")
 
     pipe, config = load_pipeline(rest, args.checkpoint)
-    k = pipe.options.num_images_per_prompt if args.num_images is None else args.num_images
-    seed = pipe.options.seed if args.seed is None else args.seed
+    given = {"num_images_per_prompt": args.num_images, "seed": args.seed, "mar_steps": args.mar_steps,
+             "mllm_cfg": args.mllm_cfg, "flux_steps": args.flux_steps, "guidance": args.guidance,
+             "conditioning_scale": args.conditioning_scale}
+    pipe.options = dataclasses.replace(pipe.options, **{k: v for k, v in given.items() if v is not None})
+    k, seed = pipe.options.num_images_per_prompt, pipe.options.seed
     os.makedirs(args.out, exist_ok=True)
     files, all_images = [], []
     batches = [args.prompt[i:i + args.batch_size] for i in range(0, len(args.prompt), args.batch_size)]
     for b, batch in enumerate(tqdm(batches, desc="generate", unit="batch")):
-        images = pipe.generate(batch, num_images_per_prompt=k, seed=seed, mar_steps=args.mar_steps)
+        images = pipe.generate(batch)
         for i, prompt in enumerate(batch):
             p = b * args.batch_size + i
             for j in range(k):
@@ -54,9 +61,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         all_images.append(images)
     save_png(os.path.join(args.out, "grid.png"), make_grid(np.concatenate(all_images), cols=k))
     record = {"prompts": args.prompt, "seed": seed, "num_images_per_prompt": k,
-              "sampling": dataclasses.asdict(pipe.options) | {"seed": seed, "num_images_per_prompt": k,
-                                                               **({"mar_steps": args.mar_steps}
-                                                                  if args.mar_steps else {})},
+              "sampling": dataclasses.asdict(pipe.options),
               "checkpoint": args.checkpoint, "files": files,
               "config": json.loads(config.to_json()) if config is not None else None}
     with open(os.path.join(args.out, "config.json"), "w") as fh:

@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bifrost_jax import demo
+from bifrost_jax import cli, demo
 from bifrost_jax.train.flux_phases import ControlNetPhase
 from bifrost_jax.train.mllm_phase import MllmPhase
 
+GENERATE_TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                             "generate_tiny.py")
 SMOKE = ["--fast", "--no-progress", "--config.fast_fraction=0.0001",  # -> 2 steps per phase
          "--config.data.train_size=32", "--config.generate.num_prompts=2", "--config.generate.batch=2",
          "--config.generate.grid_prompts=2", "--config.generate.flux_steps=2", "--config.generate.mar_steps=2",
@@ -87,6 +89,32 @@ def test_second_run_reuses_finished_phases(first_run):
     assert {n: _metrics_lines(w, n) for n in demo.PHASE_ORDER} == lines  # no training step logged
 
 
+def test_generate_from_the_demo_workdir_with_no_config(first_run, tmp_path):
+    """The README's command on a trained workdir: no --config; the pipeline comes from the configs the phase
+    checkpoints recorded, and it is the demo's own (its Bifrost images are reproduced), not random weights."""
+    w = first_run
+    with open(os.path.join(w, "demo", "report.json")) as fh:
+        report = json.load(fh)
+    g = demo.load_demo_config(SMOKE[2:]).generate
+    out = tmp_path / "gen"
+    prompt = report["prompts"][0]
+    rc = cli.main(["generate", "--checkpoint", w, "--prompt", prompt, "--num-images", "1", "--seed", str(g.seed),
+                   "--mar-steps", str(g.mar_steps), "--mllm-cfg", str(g.mllm_cfg), "--flux-steps",
+                   str(g.flux_steps), "--guidance", str(g.guidance), "--conditioning-scale",
+                   str(g.conditioning_scale), "--out", str(out)])
+    assert rc == 0
+    image = np.asarray(Image.open(out / "000_00.png"))
+    demo_images = np.load(os.path.join(w, "demo", "images_bifrost.npy"))
+    assert np.abs(image.astype(int) - demo_images[0]).max() <= 1
+    with open(out / "config.json") as fh:
+        assert json.load(fh)["config"] is None  # built from the workdir alone
+    # a named checkpoint that does not exist, or a config that takes nothing from it, is an error
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        cli.main(["generate", "--checkpoint", str(tmp_path / "nowhere"), "--prompt", "x", "--out", str(out)])
+    with pytest.raises(ValueError, match="takes weights from it"):
+        cli.main(["generate", "--config", GENERATE_TINY, "--checkpoint", w, "--prompt", "x", "--out", str(out)])
+
+
 def test_force_closure():
     assert demo.phases_to_force(["vae"]) == {"vae", "flux", "controlnet"}
     assert demo.phases_to_force(["flux"]) == {"flux", "controlnet"}
@@ -122,3 +150,4 @@ def test_phase_configs_align_the_grids():
     assert tuple(mllm.mllm_config.image_grid) == cn.clip_grid
     assert configs["controlnet"].flux.init_from.endswith(os.path.join("flux", "checkpoints"))
     assert configs["flux"].vae.init_from.endswith(os.path.join("vae", "checkpoints"))
+
