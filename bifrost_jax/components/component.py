@@ -18,8 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bifrost_jax.components.model_config import resolve_model_config
 from bifrost_jax.components.trees import dtype_of
-from bifrost_jax.configs import config_dict
 from bifrost_jax.data.qwen_image import patchify
 from bifrost_jax.models.flux.transformer import FluxConfig, FluxTransformer2DModel
 from bifrost_jax.models.flux.vae import AutoencoderKL, AutoencoderKLConfig
@@ -71,14 +71,22 @@ def module_kwargs(section) -> dict:
     return kw
 
 
+def section_model_config(section, name: str, kind: str) -> dict:
+    """The model config of the component in ``config.<name>`` (its checkpoint's config.json completes and checks it:
+    ``components/model_config.py``)."""
+    return resolve_model_config(section.config, key=f"config.{name}.config", kind=kind,
+                                port_dir=section.get("port_dir", "") or "")
+
+
 def flux_component(section, trainable: bool) -> Component:
-    cfg = FluxConfig.from_hf_config(config_dict(section.config))
+    cfg = FluxConfig.from_hf_config(section_model_config(section, "flux", "flux"))
     module = FluxTransformer2DModel(cfg, **module_kwargs(section))
     return Component("transformer", module, (), module.dummy_inputs(), section, ("flux-transformer",), trainable)
 
 
 def vae_component(section, trainable: bool) -> Component:
-    cfg = AutoencoderKLConfig.from_hf_config(config_dict(section.config), remat_policy=section.remat_policy)
+    cfg = AutoencoderKLConfig.from_hf_config(section_model_config(section, "vae", "vae"),
+                                             remat_policy=section.remat_policy)
     module = AutoencoderKL(cfg, dtype=dtype_of(section.dtype), param_dtype=dtype_of(section.param_dtype))
     f = cfg.downsample_factor
     # an EMPTY batch: the parameters are the same, and XLA compiles the init's forward convolutions much faster
@@ -87,26 +95,28 @@ def vae_component(section, trainable: bool) -> Component:
 
 
 def t5_component(section) -> Component:
-    module = T5EncoderModel(T5EncoderConfig.from_hf_config(config_dict(section.config)), **module_kwargs(section))
+    module = T5EncoderModel(T5EncoderConfig.from_hf_config(section_model_config(section, "t5", "t5")),
+                            **module_kwargs(section))
     return Component("t5", module, (jnp.zeros((1, 2), jnp.int32),), {}, section, ("t5-encoder",))
 
 
 def clip_component(section) -> Component:
-    module = CLIPTextModel(CLIPTextConfig.from_hf_config(config_dict(section.config)), **module_kwargs(section))
+    module = CLIPTextModel(CLIPTextConfig.from_hf_config(section_model_config(section, "clip", "clip")),
+                           **module_kwargs(section))
     return Component("clip", module, (jnp.zeros((1, 2), jnp.int32),), {}, section, ("clip-text",))
 
 
 def vision_component(section) -> Component:
-    cfg = QwenVisionConfig.from_hf_config(config_dict(section.config))
+    cfg = QwenVisionConfig.from_hf_config(section_model_config(section, "vision", "vision"))
     module = QwenVisionTransformer(cfg, **module_kwargs(section))
     m = cfg.spatial_merge_size
     x = jnp.zeros((1, m * m, cfg.patch_dim), jnp.float32)
     return Component("vision", module, (x, (1, m, m)), {}, section, ("qwen2.5-vl",))
 
 
-def vision_grid(section) -> tuple[int, int, int]:
-    cfg = QwenVisionConfig.from_hf_config(config_dict(section.config))
-    r = int(section.resolution)
+def vision_grid(cfg: QwenVisionConfig, resolution: int) -> tuple[int, int, int]:
+    """(t, h, w) patch grid of the square ViT view of side ``config.vision.resolution``."""
+    r = int(resolution)
     unit = cfg.patch_size * cfg.spatial_merge_size
     if r % unit:
         raise ValueError(f"config.vision.resolution={r} must be a multiple of patch_size*spatial_merge_size={unit}")

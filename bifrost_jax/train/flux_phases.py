@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from bifrost_jax.components import (Component, clip_component, clip_latents_from_pixels, flux_component,
                                     load_component, merge_trees, module_kwargs, place_partial, rebox,
                                     relax_indivisible, t5_component, vae_component, vision_component, vision_grid)
+from bifrost_jax.components.model_config import resolve_model_config
 from bifrost_jax.data.latent_cache import cache_fields
 from bifrost_jax.data.sources import (IndexedSource, check_cache_crop, image_source, load_clip_cache,
                                       make_image_preprocess, pixels_to_unit, train_iterator, word_tokenizer_dir)
@@ -237,7 +238,7 @@ class ControlNetPhase(_FluxFamily):
         check_cache_crop(c)
         self.vision = vision_component(c.vision)
         vcfg = self.vision.module.config
-        self.grid_thw = vision_grid(c.vision)
+        self.grid_thw = vision_grid(self.vision.module.config, c.vision.resolution)
         m = vcfg.spatial_merge_size
         gh, gw = self.grid_thw[1] // m, self.grid_thw[2] // m
         if (2 * gh) * (2 * gw) != self.num_img_tokens:
@@ -248,9 +249,12 @@ class ControlNetPhase(_FluxFamily):
         self.clip_grid = (gh, gw)
         fcfg = self.transformer.module.config
         s = c.controlnet
+        # block counts: the section's, checked against a ported ControlNet's own config.json
+        blocks = resolve_model_config({"num_layers": s.num_layers, "num_single_layers": s.num_single_layers},
+                                      key="config.controlnet", kind="flux", port_dir=s.port_dir or "")
         cn_cfg = FluxControlNetConfig(
-            patch_size=fcfg.patch_size, in_channels=fcfg.in_channels, num_layers=s.num_layers,
-            num_single_layers=s.num_single_layers, attention_head_dim=fcfg.attention_head_dim,
+            patch_size=fcfg.patch_size, in_channels=fcfg.in_channels, num_layers=blocks["num_layers"],
+            num_single_layers=blocks["num_single_layers"], attention_head_dim=fcfg.attention_head_dim,
             num_attention_heads=fcfg.num_attention_heads, joint_attention_dim=fcfg.joint_attention_dim,
             pooled_projection_dim=fcfg.pooled_projection_dim, guidance_embeds=fcfg.guidance_embeds,
             axes_dims_rope=fcfg.axes_dims_rope, clip_latent_dim=vcfg.out_hidden_size, clip_grid=self.clip_grid)

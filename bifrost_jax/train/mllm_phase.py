@@ -14,6 +14,7 @@ from bifrost_jax.components import (Component, abstract_dtype, bifrost1_layout, 
                                     flat_paths, has_key_prefix, is_orbax_port, load_component, merge_trees,
                                     module_kwargs, place, rebox, relax_indivisible, restore_orbax_port,
                                     restore_phase_checkpoint, vision_component, vision_grid)
+from bifrost_jax.components.model_config import resolve_model_config
 from bifrost_jax.configs import config_dict
 from bifrost_jax.data.latent_cache import cache_fields
 from bifrost_jax.data.prompt import build_t2i_prompt, load_tokenizer
@@ -54,8 +55,18 @@ class MllmPhase(Phase):
         self.use_cache = bool(c.data.precomputed_clip_latents)
         check_cache_crop(c)
         s = c.mllm
+        self.base_dir = s.get("base_dir", "") or ""
+        self.official = bifrost1_layout(s.port_dir) if s.port_dir else None
+        if self.official == "official" and not self.base_dir:
+            raise ValueError(f"config.mllm.port_dir={s.port_dir} is an official Bifrost-1 checkpoint: set "
+                             "config.mllm.base_dir to the Qwen2.5-VL directory it was built on (its config.json "
+                             "describes the backbone; it also holds what the checkpoint omits)")
         d = config_dict(s.config)
-        d["text"] = QwenTextConfig(**dict(d["text"]))
+        # the language model's sizes: the Qwen2.5-VL checkpoint's config.json (the base of an official Bifrost-1
+        # checkpoint) completes and checks config.mllm.config.text
+        text_source = self.base_dir if self.official == "official" else (s.port_dir or "")
+        d["text"] = QwenTextConfig(**resolve_model_config(d.get("text"), key="config.mllm.config.text",
+                                                          kind="qwen_text", port_dir=text_source))
         self.mllm_config = BifrostConfig.from_dict(d)
         module = BifrostMLLM(self.mllm_config, **module_kwargs(s))
         n, cdim = self.mllm_config.num_image_tokens, self.mllm_config.clip_dim
@@ -63,12 +74,6 @@ class MllmPhase(Phase):
                      jnp.ones((1, n), bool))
         # The frozen language model dominates; it starts from the fixed key like every frozen component.
         self.mllm = Component("mllm", module, init_args, {}, s, ("qwen2.5-vl",), trainable=False)
-        self.base_dir = s.get("base_dir", "") or ""
-        self.official = bifrost1_layout(s.port_dir) if s.port_dir else None
-        if self.official == "official" and not self.base_dir:
-            raise ValueError(f"config.mllm.port_dir={s.port_dir} is an official Bifrost-1 checkpoint: set "
-                             "config.mllm.base_dir to the Qwen2.5-VL directory it was built on (its config.json "
-                             "describes the backbone; it also holds what the checkpoint omits)")
         vision_section = c.vision
         if not (c.vision.port_dir or c.vision.init_from) and s.port_dir:
             # the ViT of the same Qwen2.5-VL directory (or port, or Bifrost-1 checkpoint) as the language model
@@ -77,7 +82,7 @@ class MllmPhase(Phase):
             if self.official == "official" and not has_key_prefix(s.port_dir, "vision_language_model.visual."):
                 vision_section.port_dir = self.base_dir  # the official loader's rule: a missing ViT is the base's
         self.vision = vision_component(vision_section)
-        self.grid_thw = vision_grid(c.vision)
+        self.grid_thw = vision_grid(self.vision.module.config, c.vision.resolution)
         m = self.vision.module.config.spatial_merge_size
         gh, gw = self.grid_thw[1] // m, self.grid_thw[2] // m
         if (gh, gw) != tuple(self.mllm_config.image_grid):
