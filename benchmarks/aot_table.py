@@ -18,13 +18,13 @@ it): per-chip state = (frozen weights + trainable weights, Adam moments and grad
     PYTHONPATH=. python benchmarks/aot_table.py --table --out /tmp/M_aot --markdown /tmp/t.md
 
 Ranking: "fastest" is the highest throughput at the compiler's estimated step time (examples/s = global batch /
-estimated step seconds, with scanned loops scaled by their trip counts: see ``bifrost_jax/aot.py``); MFU is shown
-beside it, computed by this script from the ANALYTIC model FLOPs (``bifrost_jax/parallel/flops.py``, recomputed from
+estimated step seconds, with scanned loops scaled by their trip counts: see ``bifrost_jax/aot/``); MFU is shown
+beside it, computed by this script from the ANALYTIC model FLOPs (``bifrost_jax/models/flops.py``, recomputed from
 each candidate's config, so rows compiled before the analytic count existed get it too): analytic FLOPs per chip /
 (estimated step s + the attention FLOPs of uncounted splash kernels at peak) / peak. "counted / analytic" compares
 the compiled program's matmul FLOPs (scans x length) with it: above 1 by remat recomputation, below 1 where splash
 attention kernels (no cost estimate) hide attention from the count. The compiler's estimate is a cost model, not a measurement (on v6e with its
--1 s sentinels removed: ``bifrost_jax/aot.py:corrected_optimal_seconds``). A row without an estimate shows the
+-1 s sentinels removed: ``bifrost_jax/aot/compile.py:corrected_optimal_seconds``). A row without an estimate shows the
 compute floor (FLOPs / peak, i.e. the step time at 100% MFU) and the throughput bound it implies.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""MFU accounting (issue 6): the analytic model FLOPs of ``bifrost_jax/parallel/flops.py`` against what the compiled
+"""MFU accounting (issue 6): the analytic model FLOPs of ``bifrost_jax/models/flops.py`` against what the compiled
 training steps of the tiny phases really do, and the logged ``mfu``.
 
 Two independent counts of each tiny phase's real train step (``train/state.py``, one device):

@@ -1,4 +1,4 @@
-"""The generation pipeline (sample/pipeline.py) on the tiny random pipeline of configs/generate_tiny.py: shapes,
+"""The generation pipeline (sample/pipeline.py, sample/build.py) on the tiny random pipeline of configs/generate_tiny.py: shapes,
 seeding, the once-per-image ControlNet condition, the FLUX sampler against a plain reference loop, MLLM CFG
 handling, sharding, reconstruction and ``bifrost generate``."""
 import json
