@@ -127,7 +127,7 @@ class MllmPhase(Phase):
         if s.init_from:
             # another mllm run's checkpoint: its TRAINED weights (branch, head, mask token, position embedding)
             trained = {k: v for k, v in flat_paths(a_mllm).items() if mllm_is_trainable(k)}
-            sub = {"params": {"mllm": traverse_util.traverse_util.unflatten_dict(trained)}}
+            sub = {"params": {"mllm": traverse_util.unflatten_dict(trained)}}
             out = merge_trees(out, restore_phase_checkpoint(s.init_from, int(s.get("init_step", -1)),
                                                         {"params": ("mllm",)}, sub, shardings))
         if not self.use_cache and self.vision.has_source:
