@@ -18,15 +18,14 @@ import jax
 import jax.numpy as jnp
 
 from bifrost_jax.components import (Component, clip_component, clip_latents_from_pixels, flux_component,
-                                    load_component, merge_trees, module_kwargs, place_partial, rebox,
+                                    load_component, merge_trees, place_partial, rebox,
                                     relax_indivisible, t5_component, vae_component, vision_component, vision_grid)
-from bifrost_jax.components.model_config import resolve_model_config
+from bifrost_jax.components.bifrost import latent_controlnet_component
 from bifrost_jax.data.latent_cache import cache_fields
 from bifrost_jax.data.sources import (IndexedSource, check_cache_crop, image_source, load_clip_cache,
                                       make_image_preprocess, pixels_to_unit, train_iterator, word_tokenizer_dir)
 from bifrost_jax.data.tokenizers import PaddedTokenizer
-from bifrost_jax.models.flux.controlnet import (FluxControlNetConfig, LatentControlNet,
-                                              copy_transformer_into_controlnet)
+from bifrost_jax.models.flux.controlnet import (copy_transformer_into_controlnet)
 from bifrost_jax.models import flops
 from bifrost_jax.models.flux.vae import latent_image_ids, pack_latents, sample_posterior_latents
 from bifrost_jax.models.text.flux_text import encode_flux_text
@@ -247,20 +246,8 @@ class ControlNetPhase(_FluxFamily):
                              f"config.data.vae_resolution={self.resolution} ({self.latent_hw // 2}x"
                              f"{self.latent_hw // 2})")
         self.clip_grid = (gh, gw)
-        fcfg = self.transformer.module.config
-        s = c.controlnet
-        # block counts: the section's, checked against a ported ControlNet's own config.json
-        blocks = resolve_model_config({"num_layers": s.num_layers, "num_single_layers": s.num_single_layers},
-                                      key="config.controlnet", kind="flux", port_dir=s.port_dir or "")
-        cn_cfg = FluxControlNetConfig(
-            patch_size=fcfg.patch_size, in_channels=fcfg.in_channels, num_layers=blocks["num_layers"],
-            num_single_layers=blocks["num_single_layers"], attention_head_dim=fcfg.attention_head_dim,
-            num_attention_heads=fcfg.num_attention_heads, joint_attention_dim=fcfg.joint_attention_dim,
-            pooled_projection_dim=fcfg.pooled_projection_dim, guidance_embeds=fcfg.guidance_embeds,
-            axes_dims_rope=fcfg.axes_dims_rope, clip_latent_dim=vcfg.out_hidden_size, clip_grid=self.clip_grid)
-        module = LatentControlNet(cn_cfg, **module_kwargs(s))
-        self.controlnet = Component("controlnet", module, (), module.dummy_inputs(), s, ("latent-controlnet",),
-                                    trainable=True)
+        self.controlnet = latent_controlnet_component(c.controlnet, self.transformer, vcfg.out_hidden_size,
+                                                      self.clip_grid)
 
     def components(self):
         comps = [self.transformer, self.controlnet, self.vae, self.t5, self.clip]

@@ -3,30 +3,19 @@ tower's CLIP latents of the image from the prompt and a MAR-masked copy of them 
 branch, ``vision_branch_norm``, ``vision_head``, ``mask_token`` and ``learnable_pos_emb`` train."""
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
-from flax import traverse_util
 
-from bifrost_jax import port
-from bifrost_jax.components import (Component, abstract_dtype, bifrost1_layout, clip_latents_from_pixels,
-                                    flat_paths, has_key_prefix, is_orbax_port, load_component, merge_trees,
-                                    module_kwargs, place, rebox, relax_indivisible, restore_orbax_port,
-                                    restore_phase_checkpoint, vision_component, vision_grid)
-from bifrost_jax.components.model_config import resolve_model_config
-from bifrost_jax.configs import config_dict
+from bifrost_jax.components import (clip_latents_from_pixels, load_component, merge_trees, relax_indivisible,
+                                    vision_grid)
+from bifrost_jax.components.bifrost import load_mllm, mllm_component, mllm_init, mllm_vision_component
 from bifrost_jax.data.latent_cache import cache_fields
 from bifrost_jax.data.prompt import build_t2i_prompt, load_tokenizer
 from bifrost_jax.data.sources import (IndexedSource, check_cache_crop, image_source, load_clip_cache,
                                       make_image_preprocess, train_iterator, word_tokenizer_dir)
 from bifrost_jax.models import flops
-from bifrost_jax.models.bifrost import BifrostConfig, BifrostMLLM, init_branch_from_original, mse_loss
 from bifrost_jax.models.bifrost import is_trainable as mllm_is_trainable
-from bifrost_jax.models.bifrost import sample_mar_mask
-from bifrost_jax.models.qwen.decoder import QwenTextConfig
-from bifrost_jax.port.base import SafetensorsReader, load_mapped
-from bifrost_jax.port.qwen_text import text_key_map
+from bifrost_jax.models.bifrost import mse_loss, sample_mar_mask
 from bifrost_jax.train.phases import Phase
 from bifrost_jax.train.state import merge_params
 
@@ -54,34 +43,11 @@ class MllmPhase(Phase):
         c = config
         self.use_cache = bool(c.data.precomputed_clip_latents)
         check_cache_crop(c)
-        s = c.mllm
-        self.base_dir = s.get("base_dir", "") or ""
-        self.official = bifrost1_layout(s.port_dir) if s.port_dir else None
-        if self.official == "official" and not self.base_dir:
-            raise ValueError(f"config.mllm.port_dir={s.port_dir} is an official Bifrost-1 checkpoint: set "
-                             "config.mllm.base_dir to the Qwen2.5-VL directory it was built on (its config.json "
-                             "describes the backbone; it also holds what the checkpoint omits)")
-        d = config_dict(s.config)
-        # the language model's sizes: the Qwen2.5-VL checkpoint's config.json (the base of an official Bifrost-1
-        # checkpoint) completes and checks config.mllm.config.text
-        text_source = self.base_dir if self.official == "official" else (s.port_dir or "")
-        d["text"] = QwenTextConfig(**resolve_model_config(d.get("text"), key="config.mllm.config.text",
-                                                          kind="qwen_text", port_dir=text_source))
-        self.mllm_config = BifrostConfig.from_dict(d)
-        module = BifrostMLLM(self.mllm_config, **module_kwargs(s))
-        n, cdim = self.mllm_config.num_image_tokens, self.mllm_config.clip_dim
-        init_args = (jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2), jnp.int32), jnp.zeros((1, n, cdim)),
-                     jnp.ones((1, n), bool))
-        # The frozen language model dominates; it starts from the fixed key like every frozen component.
-        self.mllm = Component("mllm", module, init_args, {}, s, ("qwen2.5-vl",), trainable=False)
-        vision_section = c.vision
-        if not (c.vision.port_dir or c.vision.init_from) and s.port_dir:
-            # the ViT of the same Qwen2.5-VL directory (or port, or Bifrost-1 checkpoint) as the language model
-            vision_section = ml_collections.ConfigDict(c.vision.to_dict())
-            vision_section.port_dir = s.port_dir
-            if self.official == "official" and not has_key_prefix(s.port_dir, "vision_language_model.visual."):
-                vision_section.port_dir = self.base_dir  # the official loader's rule: a missing ViT is the base's
-        self.vision = vision_component(vision_section)
+        self.mllm_component = mllm_component(c.mllm)
+        self.mllm, self.mllm_config = self.mllm_component.component, self.mllm_component.config
+        self.official, self.base_dir = self.mllm_component.official, self.mllm_component.base_dir
+        cdim = self.mllm_config.clip_dim
+        self.vision = mllm_vision_component(c.vision, self.mllm_component)
         self.grid_thw = vision_grid(self.vision.module.config, c.vision.resolution)
         m = self.vision.module.config.spatial_merge_size
         gh, gw = self.grid_thw[1] // m, self.grid_thw[2] // m
@@ -107,67 +73,17 @@ class MllmPhase(Phase):
         return tuple(out)
 
     def init_variables(self, rng):
-        v = self.mllm.init(rng)
-        params = nn.meta.unbox(v["params"])
-        branch = init_branch_from_original(params)
-        variables = {"params": {"mllm": rebox(v["params"], branch)}}
+        variables = {"params": {"mllm": mllm_init(self.mllm_component, rng)["params"]}}
         if not self.use_cache:
             variables["params"]["vision"] = self.vision.init(rng)["params"]
         return relax_indivisible(variables)
 
     def load_pretrained(self, abstract_variables, shardings):
-        out = {}
-        s = self.config.mllm
-        a_mllm = abstract_variables["params"]["mllm"]
-        sh_mllm = shardings["params"]["mllm"]
-        if s.port_dir and self.official:
-            out = merge_trees(out, {"params": {"mllm": self._load_official(s.port_dir, a_mllm, sh_mllm)}})
-        elif s.port_dir:
-            out = merge_trees(out, {"params": {"mllm": self._load_text(s.port_dir, a_mllm, sh_mllm)}})
-        if s.init_from:
-            # another mllm run's checkpoint: its TRAINED weights (branch, head, mask token, position embedding)
-            trained = {k: v for k, v in flat_paths(a_mllm).items() if mllm_is_trainable(k)}
-            sub = {"params": {"mllm": traverse_util.unflatten_dict(trained)}}
-            out = merge_trees(out, restore_phase_checkpoint(s.init_from, int(s.get("init_step", -1)),
-                                                        {"params": ("mllm",)}, sub, shardings))
+        mllm = load_mllm(self.mllm_component, abstract_variables["params"]["mllm"], shardings["params"]["mllm"])
+        out = {"params": {"mllm": mllm}} if mllm else {}
         if not self.use_cache and self.vision.has_source:
             out = merge_trees(out, load_component(self.vision, abstract_variables, shardings))
         return out or None
-
-    def _load_official(self, path, abstract, shardings):
-        """Every BifrostMLLM weight (frozen text model, generation branch, head, mask token, position embedding)
-        from an official Bifrost-1 checkpoint (+ ``mllm.base_dir``) or a ``bifrost-1`` Orbax port."""
-        what = f"config.mllm.port_dir={path}"
-        if self.official == "orbax":
-            return restore_orbax_port(path, ("bifrost-1",), ("mllm", "params"), abstract, shardings, what)
-        mesh = jax.tree.leaves(shardings)[0].mesh
-        _, variables = port.load("bifrost-1", path, base=self.base_dir, dtype=abstract_dtype({"params": abstract}),
-                                 mesh=mesh, scan_layers=bool(self.config.mllm.scan_layers),
-                                 image_grid=tuple(self.mllm_config.image_grid))
-        return place(variables["mllm"]["params"], abstract, shardings, f"{what} (base {self.base_dir})")
-
-    def _load_text(self, path, abstract, shardings):
-        """The frozen language model (original weights) from a Qwen2.5-VL directory or port, then the branch
-        copied from it."""
-
-        flat_a = traverse_util.flatten_dict(abstract)
-        orig = {k: v for k, v in flat_a.items() if not mllm_is_trainable(tuple(k))}
-        orig_a, orig_s = traverse_util.unflatten_dict(orig), traverse_util.unflatten_dict({k: traverse_util.flatten_dict(shardings)[k] for k in orig})
-        if is_orbax_port(path):
-            loaded = restore_orbax_port(path, ("qwen2.5-vl",), ("params", "language_model"), orig_a, orig_s,
-                                         f"config.mllm.port_dir")
-        else:
-            reader = SafetensorsReader(path)
-            prefix = "model.language_model." if any(k.startswith("model.language_model.") for k in reader.keys()) \
-                else "model."
-            key_map = text_key_map(self.mllm_config.text, self.mllm.module.scan_layers, prefix)
-            loaded = load_mapped(reader, key_map, orig_a, dtype=abstract_dtype({"params": orig_a}),
-                                 shardings=orig_s, what=f"config.mllm.port_dir={path}",
-                                 ignore_unused=lambda k: not k.startswith(prefix) or k.startswith(f"{prefix}visual."))
-        with_branch = init_branch_from_original(dict(loaded))
-        flat = traverse_util.flatten_dict(with_branch)
-        flat_s = traverse_util.flatten_dict(shardings)
-        return traverse_util.unflatten_dict({k: jax.device_put(v, flat_s[k]) for k, v in flat.items()})
 
     def is_trainable(self, path):
         return path[0] == "mllm" and mllm_is_trainable(tuple(path[1:]))
