@@ -24,8 +24,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         description="Generate images with Bifrost-1 (MLLM MAR decoding -> latent ControlNet + FLUX).\n\n"
                     "  bifrost generate --checkpoint WORKDIR --prompt '...' --out DIR      (a trained workdir)\n"
                     "  bifrost generate --config FILE [--config.KEY=VALUE ...] --prompt '...' --out DIR\n\n"
-                    "Without --config the workdir's controlnet and mllm phases rebuild the pipeline from the "
-                    "configs their checkpoints recorded.\n\n" + BUILD_DOC)
+                    "With --checkpoint the workdir's controlnet and mllm phases rebuild the pipeline from the "
+                    "configs their checkpoints recorded; a --config names every component's weights itself.\n\n"
+                    + BUILD_DOC)
     parser.add_argument("--checkpoint", default=None, help="a training WORKDIR (its phase checkpoints)")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
     parser.add_argument("--num-images", type=int, default=None, help="images per prompt (default: config)")

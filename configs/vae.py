@@ -6,11 +6,11 @@ checkpoint (``--config.vae.init_from=WORKDIR/vae/checkpoints``).
 """
 import ml_collections
 
-from bifrost_jax.train.phase_configs import TINY_VAE, _section, tiny_base
+from bifrost_jax.train.phase_configs import TINY_VAE, section, tiny_base
 
 
 def get_config():
     c = tiny_base("vae")
-    c.vae = _section(TINY_VAE)
+    c.vae = section(TINY_VAE)
     c.model = ml_collections.ConfigDict(dict(recon_loss="l1", kl_weight=1e-6))
     return c

@@ -495,23 +495,26 @@ def _tiny_generate_config(mesh: dict, mllm_cfg: float = 2.0):
     tensorflow_datasets, which the libtpu venv lacks), as ``bifrost aot --phase generate`` reads them."""
     import ml_collections as mlc
 
+    from bifrost_jax.train.phase_configs import section
+
     flux = dict(patch_size=1, in_channels=16, num_attention_heads=2, attention_head_dim=16, joint_attention_dim=32,
                 pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
     text = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=128, mrope_section=(2, 1, 1))
-    return mlc.ConfigDict(dict(
-        dtype="bfloat16", param_dtype="float32", scan_layers=True, mesh=mesh,
-        mllm=dict(model=dict(text=text, num_image_tokens=24, image_grid=(4, 6)), max_prompt_length=40),
-        transformer=dict(model=dict(flux, num_layers=2, num_single_layers=2)),
-        controlnet=dict(model=dict(flux, num_layers=1, num_single_layers=1, clip_latent_dim=32, clip_grid=(4, 6))),
-        t5=dict(max_length=16), sample=dict(mllm_cfg=mllm_cfg, guidance=3.5, conditioning_scale=0.7)))
+    kw = dict(dtype="bfloat16", param_dtype="float32", scan_layers=True)
+    c = mlc.ConfigDict(dict(mesh=mesh, t5=dict(max_length=16),
+                            sample=dict(mllm_cfg=mllm_cfg, guidance=3.5, conditioning_scale=0.7)))
+    c.mllm = section(dict(text=text, num_image_tokens=24, image_grid=(4, 6)), max_prompt_length=40, **kw)
+    c.flux = section(dict(flux, num_layers=2, num_single_layers=2), **kw)
+    c.controlnet = section({}, num_layers=1, num_single_layers=1, **dict(kw, scan_layers=False))
+    return c
 
 
 def test_generate_target_tiny_traces_on_cpu_mesh():
     """The ``generate`` target builds on a CPU mesh and its analytic FLOPs (all forward: the MAR branch rows with
     CFG-doubled rows, ControlNet without the precomputed condition, FLUX) equal the traced matmul FLOPs. (Traced,
     not compiled: the compile is the TPU test below; a CPU compile of it takes 20-100 s on this machine.)"""
-    from bifrost_jax.aot_generate import generate_target
+    from bifrost_jax.aot.generate import generate_target
     from bifrost_jax.parallel.rules import axis_rules
 
     config = _tiny_generate_config({"data": 1, "fsdp": 2, "tensor": 2})

@@ -108,10 +108,10 @@ def test_generate_from_the_demo_workdir_with_no_config(first_run, tmp_path):
     assert np.abs(image.astype(int) - demo_images[0]).max() <= 1
     with open(out / "config.json") as fh:
         assert json.load(fh)["config"] is None  # built from the workdir alone
-    # a named checkpoint that does not exist, or a config that takes nothing from it, is an error
+    # a named checkpoint that does not exist is an error; a config names its weights itself
     with pytest.raises(FileNotFoundError, match="no such directory"):
         cli.main(["generate", "--checkpoint", str(tmp_path / "nowhere"), "--prompt", "x", "--out", str(out)])
-    with pytest.raises(ValueError, match="takes weights from it"):
+    with pytest.raises(ValueError, match="names its weights itself"):
         cli.main(["generate", "--config", GENERATE_TINY, "--checkpoint", w, "--prompt", "x", "--out", str(out)])
 
 

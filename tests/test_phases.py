@@ -116,7 +116,11 @@ def run_and_compare(name, dirs, *extra, replay=True):
     state8 = jax.device_get(result.state)
     # losses of every step and the updated parameters / statistics: sharded == single device
     np.testing.assert_allclose(logged, ref["losses"], rtol=1e-5)
-    errs = {"params": assert_close(state8.params, ref["state"].params, 1e-5, f"{name} params", floor=1e-2),
+    # mllm: its mask token's Adam update normalises a gradient summed over every masked slot, whose reduction order
+    # differs between 8 devices and 1; on some x86 hosts the 3-step difference reaches 1.4e-5 (same before and
+    # after the component-layer split), hence 2e-5 there
+    params_tol = 2e-5 if name == "mllm" else 1e-5
+    errs = {"params": assert_close(state8.params, ref["state"].params, params_tol, f"{name} params", floor=1e-2),
             "mutable": assert_close(state8.mutable, ref["state"].mutable, 1e-5, f"{name} mutable", floor=1e-2)}
     # the updates themselves agree (relative to the largest update of the step), and they are not all zero
     up8, up1 = updates(state8.params, ref["initial"][0]), updates(ref["state"].params, ref["initial"][0])

@@ -247,9 +247,10 @@ def test_main_writes_pngs_grid_and_config(tmp_path):
         C.main(["--config", TINY, "--prompt", "x", "--out", str(out), "--config.no_such_key=1"])
 
 
-def test_build_from_orbax_port_and_phase_checkpoint(pipe, tmp_path):
-    """``build_pipeline`` sources: a ``bifrost port`` Orbax directory, and a phase checkpoint under the WORKDIR that
-    replaces the configured weights (component under ``phase_subtree``; other components' entries ignored)."""
+def test_build_from_ports_and_a_training_checkpoint(pipe, tmp_path):
+    """``build_pipeline`` loads each component the way training does: ``port_dir`` (a ``bifrost port`` output or a
+    diffusers directory) and ``init_from`` (a training checkpoint: the component's saved variables by name, strictly;
+    the other components' entries are left alone)."""
     import orbax.checkpoint as ocp
 
     from bifrost_jax.port.orbax_io import save_ported
@@ -258,15 +259,14 @@ def test_build_from_orbax_port_and_phase_checkpoint(pipe, tmp_path):
     vae_vars = jax.tree.map(lambda x: np.asarray(x) * 1.5, pipe.vae_variables)
     save_ported(str(tmp_path / "vae_port"), "flux-vae", vae_vars, str(tmp_path))
     cn = jax.tree.map(lambda x: np.asarray(x) + 1.0, pipe.controlnet_variables)
-    step = tmp_path / "work" / "controlnet" / "checkpoints" / "7"
+    root = tmp_path / "work" / "controlnet" / "checkpoints"
     tree = {"params": {"controlnet": cn["params"], "other": {"w": np.ones(3, np.float32)}},
             "batch_stats": {"controlnet": cn["batch_stats"]}}
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(step / "params", tree)
+        ckptr.save(root / "7" / "params", tree)
         ckptr.wait_until_finished()
-    overrides = ["vae.source=orbax", f"vae.path={tmp_path / 'vae_port'}", "controlnet.phase=controlnet",
-                 "controlnet.phase_subtree=controlnet"]
-    built = B.build_pipeline(load_config_file(TINY, overrides), str(tmp_path / "work"))
+    overrides = [f"vae.port_dir={tmp_path / 'vae_port'}", f"controlnet.init_from={root}"]
+    built = B.build_pipeline(load_config_file(TINY, overrides))
     for got, want in ((built.vae_variables, vae_vars), (built.controlnet_variables, cn)):
         flat_got, flat_want = jax.tree_util.tree_leaves_with_path(got), jax.tree_util.tree_leaves_with_path(want)
         assert [p for p, _ in flat_got] == [p for p, _ in flat_want]
@@ -275,15 +275,14 @@ def test_build_from_orbax_port_and_phase_checkpoint(pipe, tmp_path):
     # a PyTorch-format directory through bifrost_jax.port (here one written by our own exporter)
     from bifrost_jax import port
     port.save("flux-vae", pipe.vae, vae_vars, str(tmp_path / "vae_diffusers"))
-    ported = B.build_pipeline(load_config_file(TINY, ["vae.source=port", f"vae.path={tmp_path / 'vae_diffusers'}"]))
+    ported = B.build_pipeline(load_config_file(TINY, [f"vae.port_dir={tmp_path / 'vae_diffusers'}"]))
     assert ported.vae.config == pipe.vae.config
     np.testing.assert_allclose(ported.vae_variables["params"]["decoder"]["conv_out"]["kernel"],
                                vae_vars["params"]["decoder"]["conv_out"]["kernel"], rtol=1e-6)
-    # without the WORKDIR the configured (random) weights stay
-    plain = B.build_pipeline(load_config_file(TINY, overrides[:2]))
+    # without a source the configured (synthetic) weights stay
+    plain = B.build_pipeline(load_config_file(TINY, overrides[:1]))
     np.testing.assert_array_equal(plain.controlnet_variables["params"]["x_embedder"]["kernel"],
                                   pipe.controlnet_variables["params"]["x_embedder"]["kernel"])
-    # strict phase source: a checkpoint without the component's weights is an error naming them
+    # strict: a checkpoint without the component's weights is an error naming them
     with pytest.raises(CheckpointMismatchError, match="transformer_blocks_0"):
-        B.build_pipeline(load_config_file(TINY, ["transformer.source=phase", "transformer.phase=controlnet"]),
-                         str(tmp_path / "work"))
+        B.build_pipeline(load_config_file(TINY, [f"flux.init_from={root}"]))

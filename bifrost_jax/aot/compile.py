@@ -194,7 +194,7 @@ def compile_for_topology(fn: Callable, abstract_args: Sequence[Any], topology: s
     ``abstract_args``: ``jax.ShapeDtypeStruct``s (shardings on them are ignored when ``shardings`` is given).
     ``shardings(mesh) -> (in_shardings, out_shardings)`` builds the shardings once the mesh over the topology's
     devices exists (None: everything replicated in, compiler's choice out). ``mesh_sizes`` as ``config.mesh``
-    (default: every device on "fsdp"). ``analytic``: a ``parallel.flops.FlopsBreakdown`` of one call (global)."""
+    (default: every device on "fsdp"). ``analytic``: a ``models.flops.FlopsBreakdown`` of one call (global)."""
     mesh = make_topology_mesh(topology, mesh_sizes, num_slices=num_slices)
     if shardings is None:
         replicated = NamedSharding(mesh, PartitionSpec())

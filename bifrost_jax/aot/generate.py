@@ -8,10 +8,10 @@ One program holding both steps (their weights are resident together when generat
 * one FLUX + latent-ControlNet Euler step (``sample.pipeline.flux_velocity_fn``): ControlNet residuals from the
   precomputed condition embedding, FLUX with them, ``x + (sigma_next - sigma) * v``.
 
-The config is a generation config (the schema of ``configs/generate_tiny.py``: ``mllm.model``,
-``transformer.model``, ``controlnet.model``, ``mllm.max_prompt_length``, ``t5.max_length``, ``sample.mllm_cfg``,
-``dtype``, ``param_dtype``) plus ``mesh`` (``config.mesh`` sizes) and ``generate_batch`` (images per step; default
-one per batch shard). ``configs/full/generate_aot.py`` is that config at full size (Qwen2.5-VL-7B + FLUX.1-dev,
+The config is a generation config (the component sections of ``configs/generate_tiny.py`` / the training configs:
+``mllm``, ``flux``, ``controlnet`` with their model configs, dtypes and ``scan_layers``; ``mllm.max_prompt_length``,
+``t5.max_length``, ``sample.mllm_cfg``) plus ``mesh`` (``config.mesh`` sizes) and ``generate_batch`` (images per
+step; default one per batch shard). ``configs/full/generate_aot.py`` is that config at full size (Qwen2.5-VL-7B + FLUX.1-dev,
 512 px). Weights are abstract (``jax.ShapeDtypeStruct`` with their shardings): nothing is allocated.
 
 Listed in ``bifrost_jax/aot/targets.py`` as ``"generate"``.
@@ -27,28 +27,18 @@ import ml_collections
 from jax.sharding import Mesh, NamedSharding
 
 from bifrost_jax.aot.report import AotTarget
+from bifrost_jax.components import flux_component
+from bifrost_jax.components.bifrost import latent_controlnet_component, mllm_component
 from bifrost_jax.models import flops as F
-from bifrost_jax.models.bifrost import BifrostConfig, BifrostMLLM
-from bifrost_jax.models.flux.controlnet import FluxControlNetConfig, LatentControlNet
-from bifrost_jax.models.flux.transformer import FluxConfig, FluxTransformer2DModel
 from bifrost_jax.models.flux.vae import latent_image_ids
 from bifrost_jax.parallel.rules import axis_rules, logical_to_mesh_spec, tree_shardings
 from bifrost_jax.sample.pipeline import flux_velocity_fn
 
 
-def _model_dict(config, name: str) -> dict:
-    section = config.get(name, None)
-    if section is None or "model" not in section:
-        raise ValueError(f"--phase generate: the config has no {name}.model (use a generation config such as "
-                         "configs/full/generate_aot.py or configs/generate_tiny.py)")
-    m = section.model
-    return m.to_dict() if hasattr(m, "to_dict") else dict(m)
-
-
-def _abstract_variables(module, init_kwargs: dict, mesh: Mesh, init_args: tuple = ()):
-    """(abstract variables with shardings, their shardings) from an eval_shape of ``module.init``."""
+def _abstract_variables(init_fn, mesh: Mesh):
+    """(abstract variables with shardings, their shardings) from an eval_shape of ``init_fn(rng)``."""
     with axis_rules(mesh):
-        boxed = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *init_args, **init_kwargs))
+        boxed = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
     shardings = tree_shardings(nn.get_partition_spec(boxed), mesh)
     values = nn.meta.unbox(boxed)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), values, shardings)
@@ -63,10 +53,10 @@ def _sds(mesh: Mesh, shape, dtype, logical):
 def generate_target(config: ml_collections.ConfigDict, mesh: Mesh):
     """(jitted step, abstract args) of one MAR decode step + one FLUX/ControlNet Euler step."""
 
-    dtype = jnp.dtype(config.get("dtype", "bfloat16"))
-    param_dtype = jnp.dtype(config.get("param_dtype", "bfloat16"))
-    kw = dict(dtype=dtype, param_dtype=param_dtype)
-    scan = bool(config.get("scan_layers", True))
+    for name in ("mllm", "flux", "controlnet"):
+        if name not in config:
+            raise ValueError(f"--phase generate: the config has no {name} section (use a generation config such as "
+                             "configs/full/generate_aot.py or configs/generate_tiny.py)")
     rows = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
     b = int(config.get("generate_batch", 0) or rows)
     if b % rows:
@@ -77,13 +67,12 @@ def generate_target(config: ml_collections.ConfigDict, mesh: Mesh):
     guidance = float(sample.get("guidance", 3.5))
     cond_scale = float(sample.get("conditioning_scale", 1.0))
 
-    # ---- MLLM: one decode step against the cached prefix --------------------------------------------------------
-    mcfg = BifrostConfig.from_dict(_model_dict(config, "mllm"))
-    mllm = BifrostMLLM(mcfg, scan_layers=scan, **kw)
+    # ---- MLLM: one decode step against the cached prefix (the components generation builds) -----------------------
+    mllm_comp = mllm_component(config.mllm)
+    mcfg, mllm = mllm_comp.config, mllm_comp.module
+    dtype = mllm.dtype
     n, cdim, t = mcfg.num_image_tokens, mcfg.clip_dim, int(config.mllm.get("max_prompt_length", 300))
-    mllm_vars, mllm_sh = _abstract_variables(
-        mllm, {}, mesh, (jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2), jnp.int32), jnp.zeros((1, n, cdim)),
-                         jnp.ones((1, n), bool)))
+    mllm_vars, mllm_sh = _abstract_variables(mllm_comp.component.init, mesh)
     tc = mcfg.text
     rows_mar = 2 * b if guided else b
     kv_shape = (tc.num_hidden_layers, rows_mar, t, tc.num_key_value_heads, tc.head_dim)
@@ -95,12 +84,12 @@ def generate_target(config: ml_collections.ConfigDict, mesh: Mesh):
     msk_arg, msk_sh = _sds(mesh, (b, n), jnp.bool_, ("batch", None))
 
     # ---- FLUX + latent ControlNet: one Euler step ----------------------------------------------------------------
-    fcfg = FluxConfig.from_hf_config(_model_dict(config, "transformer"))
-    ccfg = FluxControlNetConfig.from_hf_config(_model_dict(config, "controlnet"))
-    flux = FluxTransformer2DModel(fcfg, scan_layers=scan, **kw)
-    cn = LatentControlNet(ccfg, **kw)
-    flux_vars, flux_sh = _abstract_variables(flux, flux.dummy_inputs(), mesh)
-    cn_vars, cn_sh = _abstract_variables(cn, cn.dummy_inputs(), mesh)
+    flux_comp = flux_component(config.flux, trainable=False)
+    cn_comp = latent_controlnet_component(config.controlnet, flux_comp, cdim, tuple(mcfg.image_grid))
+    flux, cn = flux_comp.module, cn_comp.module
+    fcfg, ccfg = flux.config, cn.config
+    flux_vars, flux_sh = _abstract_variables(flux_comp.init, mesh)
+    cn_vars, cn_sh = _abstract_variables(cn_comp.init, mesh)
     gh, gw = ccfg.clip_grid
     img_len = 4 * gh * gw
     txt_len = int(config.t5.get("max_length", 512)) if "t5" in config else 512
@@ -139,7 +128,7 @@ def generate_target(config: ml_collections.ConfigDict, mesh: Mesh):
     desc = (f"generate: one MAR decode step ({rows_mar} rows x {n} slots vs a {t}-token prefix, "
             f"{count(mllm_vars['params']) / 1e9:.2f}B params) + one FLUX+ControlNet Euler step (batch {b}, "
             f"{img_len} image + {txt_len} text tokens, {count(flux_vars) / 1e9:.2f}B + {count(cn_vars) / 1e9:.2f}B "
-            f"params), {param_dtype.name} weights")
+            f"params), {jnp.dtype(mllm.param_dtype).name} weights")
 
     # analytic: the branch rows of the MAR step (text K/V cached) + FLUX and the ControlNet without its condition
     # embedding (precomputed once per image); all forward

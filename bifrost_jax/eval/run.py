@@ -1,16 +1,16 @@
 """``bifrost eval geneval | reconstruction | shapes``: sharded evaluation of a Bifrost-1 pipeline.
 
-Every mode builds the pipeline with ``sample.pipeline.build_pipeline(--config, --checkpoint)`` on each host (its
-``config.mesh`` spans that host's local devices) and splits the work over hosts (``jax.process_index/count``);
+Every mode builds the pipeline on each host from a trained workdir (``--checkpoint WORKDIR``: the configs its
+phases recorded) or a generation config (``--config CFG``; its ``config.mesh`` spans that host's local devices) and splits the work over hosts (``jax.process_index/count``);
 multi-host runs start ``jax.distributed`` from the environment as ``bifrost train`` does (BIFROST_COORDINATOR, ...;
 see ``launch/local_multiprocess.py``). The only cross-host communication is the final all-reduce of the metric sums
 (and a barrier), so hosts never wait on each other while generating.
 
-    bifrost eval geneval --config CFG [--checkpoint WORKDIR] --prompts evaluation_metadata.jsonl --out DIR
+    bifrost eval geneval (--checkpoint WORKDIR | --config CFG) --prompts evaluation_metadata.jsonl --out DIR
         [--num-images 4] [--batch-size 4] [--limit N] [--seed S]
-    bifrost eval reconstruction --config CFG [--checkpoint WORKDIR] --dataset shapes|folder --data-dir DIR
+    bifrost eval reconstruction (--checkpoint WORKDIR | --config CFG) --dataset shapes|folder --data-dir DIR
         [--split validation] [--limit N] [--batch-size 4] [--use-captions] [--inception WEIGHTS] --out DIR
-    bifrost eval shapes --config CFG [--checkpoint WORKDIR] --out DIR [--num-prompts 200] [--num-images 4]
+    bifrost eval shapes (--checkpoint WORKDIR | --config CFG) --out DIR [--num-prompts 200] [--num-images 4]
 
 FID: ``eval reconstruction --inception WEIGHTS`` also reports the FID between the reconstructions and the originals
 (at the output size), with pytorch-fid's Inception-v3: WEIGHTS is the user's pytorch-fid weights file
@@ -25,7 +25,17 @@ import os
 import sys
 from typing import Callable, Optional, Sequence
 
+import jax
 import numpy as np
+
+from bifrost_jax.data.pipeline import make_eval_iterator
+from bifrost_jax.data.shapes import HELD_OUT_PAIRS, SceneSpec, ShapesOptions, load_shapes, make_example
+from bifrost_jax.eval.geneval import missing_prompts, read_prompts, run_geneval
+from bifrost_jax.eval.reconstruction import (all_reduce_sum, evaluate_reconstruction, folder_source,
+                                             inception_feature_fn, make_preprocess)
+from bifrost_jax.parallel.mesh import maybe_initialize_distributed
+from bifrost_jax.sample.images import save_png
+from bifrost_jax.train.export import load_pipeline
 
 from bifrost_jax.eval.shapes_checker import (ATTRIBUTES, CheckerConfig, ShapesReport, chance_levels, check_image)
 
@@ -38,7 +48,6 @@ MODES = ("geneval", "reconstruction", "shapes")
 def shapes_prompts(num_prompts: int, options=None, split: str = "test"):
     """(captions, SceneSpecs) of the first ``num_prompts`` examples of a shapes split (``test`` = the held-out
     colour-shape pairs), exactly the scenes the TFDS build holds (no build needed)."""
-    from bifrost_jax.data.shapes import SceneSpec, ShapesOptions, make_example
 
     options = options or ShapesOptions()
     examples = [make_example(options, split, i) for i in range(num_prompts)]
@@ -51,8 +60,6 @@ def evaluate_shapes(generate_fn: Callable[[Sequence[str], int, int], np.ndarray]
                     progress: bool = True) -> ShapesReport:
     """Generate ``num_images`` per prompt (prompts dealt round-robin to the hosts, batches padded to one static
     shape), score every image with the checker, all-reduce the per-attribute counts; chance levels from ``specs``."""
-    from bifrost_jax.eval.reconstruction import all_reduce_sum
-    from bifrost_jax.sample.images import save_png
 
     mine = list(range(process_index, len(captions), process_count))
     totals = np.zeros((len(ATTRIBUTES), 2), np.int64)  # hits, applicable
@@ -85,7 +92,7 @@ def _parser(mode: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"bifrost eval {mode}", allow_abbrev=False,
                                 description=__doc__.split("\n\n")[0] + " Also takes --config FILE and "
                                             "--config.KEY=VALUE overrides (schema: bifrost generate --help).")
-    p.add_argument("--checkpoint", default=None, help="training WORKDIR whose phase checkpoints are used")
+    p.add_argument("--checkpoint", default=None, help="a trained WORKDIR (without --config: its recorded configs)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--batch-size", type=int, default=4, help="prompts (images) per host per generation call")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: config.sample.seed)")
@@ -134,7 +141,6 @@ class _Limited:
 
 
 def _barrier(name: str) -> None:
-    import jax
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
@@ -154,15 +160,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise SystemExit(f"bifrost eval reconstruction: --inception {args.inception}: no such file (pytorch-fid's "
                          "pt_inception-2015-12-05-6726825d.pth, or a .safetensors with the same keys)")
 
-    from bifrost_jax.train.loop import maybe_initialize_distributed
     maybe_initialize_distributed()
-    import jax
 
-    from bifrost_jax.configs import parse_config_flags
-    from bifrost_jax.sample.build import build_pipeline
 
-    config, _ = parse_config_flags(rest)
-    pipe = build_pipeline(config, args.checkpoint)
+    pipe, _ = load_pipeline(rest, args.checkpoint)
     seed = pipe.options.seed if args.seed is None else args.seed
     pi, pc = jax.process_index(), jax.process_count()
 
@@ -170,7 +171,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return pipe.generate(list(prompts), num_images_per_prompt=k, seed=s)
 
     if mode == "geneval":
-        from bifrost_jax.eval.geneval import missing_prompts, read_prompts, run_geneval
         prompts = read_prompts(args.prompts, args.limit)
         k = pipe.options.num_images_per_prompt if args.num_images is None else args.num_images
         done = run_geneval(generate, prompts, args.out, num_images=k, batch_size=args.batch_size, seed=seed,
@@ -186,15 +186,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
 
     if mode == "reconstruction":
-        from bifrost_jax.data.pipeline import make_eval_iterator
-        from bifrost_jax.eval.reconstruction import (evaluate_reconstruction, folder_source, inception_feature_fn,
-                                                     make_preprocess)
         # load the Inception weights before any reconstruction, so a bad file fails at once
         feature_fn = inception_feature_fn(args.inception, mesh=pipe.mesh) if args.inception else None
         if args.dataset == "folder":
             source = folder_source(args.data_dir)
         else:
-            from bifrost_jax.data.shapes import ShapesOptions, load_shapes
             source = load_shapes(args.data_dir, args.split, ShapesOptions(**json.loads(args.shapes_options)))
         if args.limit is not None:
             source = _Limited(source, args.limit)
@@ -218,7 +214,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
 
     # shapes
-    from bifrost_jax.data.shapes import HELD_OUT_PAIRS, ShapesOptions
     options = ShapesOptions(**json.loads(args.shapes_options))
     captions, specs = shapes_prompts(args.num_prompts, options)
     k = pipe.options.num_images_per_prompt if args.num_images is None else args.num_images

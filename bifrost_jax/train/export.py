@@ -118,13 +118,17 @@ def has_config_flag(argv) -> bool:
 
 
 def load_pipeline(config_argv, checkpoint: Optional[str]):
-    """The pipeline a command line asks for: ``--config FILE [--config.KEY=VALUE ...]`` (its sections, with the
-    phase checkpoints of ``checkpoint`` where they say so), or, without a config, the trained workdir
-    ``checkpoint`` itself. Returns ``(pipeline, config or None)``."""
+    """The pipeline a command line asks for: the trained workdir ``checkpoint`` (the configs its phases recorded),
+    or ``--config FILE [--config.KEY=VALUE ...]`` (a generation config whose sections name their weights: a
+    workdir's phases through ``init_from``). Returns ``(pipeline, config or None)``."""
     argv = list(config_argv)
     if has_config_flag(argv):
+        if checkpoint:
+            raise ValueError(f"--checkpoint {checkpoint} with --config: a generation config names its weights itself "
+                             "(config.<component>.port_dir / init_from=WORKDIR/<phase>/checkpoints); give "
+                             "--checkpoint WORKDIR alone to use a trained workdir as it is")
         config, _ = parse_config_flags(argv)
-        return build_pipeline(config, checkpoint), config
+        return build_pipeline(config), config
     if argv:
         raise ValueError(f"unexpected arguments {argv} (config overrides need --config FILE)")
     if not checkpoint:

@@ -16,8 +16,9 @@ import ml_collections
 
 from bifrost_jax.configs import base_config
 
-def _section(config: dict, *, dtype="float32", param_dtype="float32", scan_layers=False, remat_policy="none",
-             port_dir="", init_from="", **extra) -> ml_collections.ConfigDict:
+def section(config: dict, *, dtype="float32", param_dtype="float32", scan_layers=False, remat_policy="none",
+            port_dir="", init_from="", **extra) -> ml_collections.ConfigDict:
+    """A component section (``bifrost_jax/components``): the same shape in training and generation configs."""
     s = ml_collections.ConfigDict()
     s.config = ml_collections.ConfigDict(config)
     s.dtype, s.param_dtype = dtype, param_dtype
@@ -80,10 +81,10 @@ def flow_model(**overrides) -> ml_collections.ConfigDict:
 def add_flux_family(c, *, flux, vae, t5, clip, t5_max_length, clip_max_length, flux_kw=None, text_kw=None,
                     vae_kw=None):
     c.model = flow_model()
-    c.flux = _section(flux, **(flux_kw or {}))
-    c.vae = _section(vae, **(vae_kw or {}))
-    c.t5 = _section(t5, tokenizer_dir="", max_length=t5_max_length, **(text_kw or {}))
-    c.clip = _section(clip, tokenizer_dir="", max_length=clip_max_length, **(text_kw or {}))
+    c.flux = section(flux, **(flux_kw or {}))
+    c.vae = section(vae, **(vae_kw or {}))
+    c.t5 = section(t5, tokenizer_dir="", max_length=t5_max_length, **(text_kw or {}))
+    c.clip = section(clip, tokenizer_dir="", max_length=clip_max_length, **(text_kw or {}))
     return c
 
 
@@ -94,11 +95,11 @@ def tiny_flux_family(phase: str):
 
 
 def tiny_vision_section():
-    return _section(TINY_VISION, resolution=112)
+    return section(TINY_VISION, resolution=112)
 
 
 def tiny_mllm_section():
-    return _section(dict(text=TINY_MLLM_TEXT, num_image_tokens=16, image_grid=(4, 4), mask_ratio_min=0.7,
+    return section(dict(text=TINY_MLLM_TEXT, num_image_tokens=16, image_grid=(4, 4), mask_ratio_min=0.7,
                          mask_ratio_max=1.0, mask_ratio_mean=1.0, mask_ratio_std=0.25),
                     tokenizer_dir="", max_prompt_length=48)
 
@@ -165,5 +166,5 @@ def full_flux_family(phase: str, *, train_flux: bool):
 
 
 def full_vision_section():
-    return _section(QWEN_VL_7B_VISION, dtype="bfloat16", param_dtype="bfloat16", scan_layers=True,
+    return section(QWEN_VL_7B_VISION, dtype="bfloat16", param_dtype="bfloat16", scan_layers=True,
                     port_dir=FULL_PORTS["qwen"], resolution=448)

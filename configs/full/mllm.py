@@ -5,13 +5,13 @@ Hyper-parameters from the experiment names of docs/design.md §6.3 (lr 5e-4, 5k 
 """
 import ml_collections
 
-from bifrost_jax.train.phase_configs import (FULL_PORTS, QWEN_VL_7B_TEXT, _section, full_base,
+from bifrost_jax.train.phase_configs import (FULL_PORTS, QWEN_VL_7B_TEXT, section, full_base,
                                              full_vision_section)
 
 
 def get_config():
     c = full_base("mllm")
-    c.mllm = _section(dict(text=QWEN_VL_7B_TEXT, num_image_tokens=256, image_grid=(16, 16), mask_ratio_min=0.7,
+    c.mllm = section(dict(text=QWEN_VL_7B_TEXT, num_image_tokens=256, image_grid=(16, 16), mask_ratio_min=0.7,
                            mask_ratio_max=1.0, mask_ratio_mean=1.0, mask_ratio_std=0.25),
                       dtype="bfloat16", param_dtype="float32", scan_layers=True, remat_policy="dots_no_batch",
                       port_dir=FULL_PORTS["qwen"], tokenizer_dir=FULL_PORTS["qwen"], max_prompt_length=300)
