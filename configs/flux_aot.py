@@ -7,6 +7,7 @@ per-chip memory and FLOPs of FLUX at a given resolution and batch.
         --config.data.image_size=1024
 """
 from bifrost_jax.configs import base_config
+from bifrost_jax.train.phase_configs import FLUX_DEV, section
 
 
 def get_config():
@@ -14,10 +15,8 @@ def get_config():
     c.phase = "flux-forward"          # a bifrost_jax.aot target, not a training phase
     c.mesh.update(data=1, fsdp=-1, tensor=1)
     c.train.batch_size = 8
-    c.model.flux = dict(guidance_embeds=True)  # FluxConfig fields; the rest are FLUX.1-dev's
-    c.model.scan_layers = True
-    c.model.remat_policy = "full"
-    c.model.param_dtype = "float32"
+    # the FLUX component section of the training configs (bf16 compute)
+    c.flux = section(dict(FLUX_DEV), dtype="bfloat16", param_dtype="float32", scan_layers=True, remat_policy="full")
     c.data.image_size = 512           # (512 / 16)^2 = 1024 image tokens
     c.data.max_text_length = 512      # T5 tokens
     return c

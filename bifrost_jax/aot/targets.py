@@ -14,7 +14,7 @@ from bifrost_jax.aot.compile import add_analytic, compile_jitted, make_topology_
 from bifrost_jax.aot.generate import generate_target
 from bifrost_jax.aot.report import AotReport, AotTarget
 from bifrost_jax.models import flops as flops_lib
-from bifrost_jax.models.flux.transformer import FluxConfig, FluxTransformer2DModel
+from bifrost_jax.components import flux_component
 from bifrost_jax.parallel.rules import logical_to_mesh_spec, tree_shardings
 from bifrost_jax.train.registry import PHASES, get_phase
 from bifrost_jax.train.state import StateBuilder, jit_train_step, make_optimizer, make_train_step
@@ -63,19 +63,14 @@ def train_step_target(config: ml_collections.ConfigDict, mesh: Mesh) -> AotTarge
 def flux_forward_target(config: ml_collections.ConfigDict, mesh: Mesh) -> AotTarget:
     """FLUX transformer forward + backward of a flow-matching MSE loss (gradients of every parameter).
 
-    Reads ``config.model.flux`` (FluxConfig fields; default FLUX.1-dev), ``config.model.scan_layers`` (True),
-    ``remat_policy`` ("full"), ``param_dtype`` ("float32"), ``config.data.image_size`` (512: (size/16)^2 image
-    tokens), ``config.data.max_text_length`` (512) and ``config.train.batch_size``."""
-
-
-    model_cfg = config.get("model", ml_collections.ConfigDict())
+    Reads the ``flux`` component section (model config, dtypes, ``scan_layers``, ``remat_policy``: the training
+    configs' shape), ``config.data.image_size`` (512: (size/16)^2 image tokens), ``config.data.max_text_length``
+    (512) and ``config.train.batch_size``."""
+    if "flux" not in config:
+        raise ValueError("--phase flux-forward: the config has no flux section (configs/flux_aot.py)")
     data_cfg = config.get("data", ml_collections.ConfigDict())
-    fields = dict(model_cfg.get("flux", None) or {"guidance_embeds": True})
-    flux_cfg = FluxConfig(**fields)
-    model = FluxTransformer2DModel(flux_cfg, dtype=jnp.bfloat16,
-                                   param_dtype=jnp.dtype(model_cfg.get("param_dtype", "float32")),
-                                   scan_layers=bool(model_cfg.get("scan_layers", True)),
-                                   remat_policy=str(model_cfg.get("remat_policy", "full")))
+    model = flux_component(config.flux, trainable=True).module
+    flux_cfg = model.config
     size = int(data_cfg.get("image_size", 512))
     img_len, txt_len = (size // 16) ** 2, int(data_cfg.get("max_text_length", 512))
     b = int(config.train.batch_size)
