@@ -20,8 +20,16 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Iterable, Optional, Sequence
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
 from scipy import ndimage
+
+from bifrost_jax import port
+from bifrost_jax.data.preprocess import decode_image, element_name
+from bifrost_jax.parallel.rules import axis_rules, logical_to_mesh_spec
+from bifrost_jax.sample.images import fit_images
 
 SSIM_SIGMA, SSIM_TRUNCATE, SSIM_K1, SSIM_K2 = 1.5, 3.5, 0.01, 0.03
 
@@ -99,11 +107,7 @@ def inception_feature_fn(weights: str, *, mesh=None) -> Callable[[np.ndarray], n
     """``feature_fn`` for FID: uint8 (B, H, W, 3) images -> (B, 2048) float32 pool3 features of pytorch-fid's
     Inception-v3 loaded from ``weights`` (``port`` kind "inception-fid"), jitted; with a ``mesh`` the weights are
     placed by the logical rules and the batch is sharded on "batch" (rows padded to a multiple of its shards)."""
-    import jax
-    from jax.sharding import NamedSharding
 
-    from bifrost_jax import port
-    from bifrost_jax.parallel.rules import axis_rules, logical_to_mesh_spec
 
     module, variables = port.load("inception-fid", weights, mesh=mesh)
     apply = jax.jit(lambda v, x: module.apply(v, x))
@@ -153,10 +157,8 @@ class FeatureStats:
 
 def all_reduce_sum(x: np.ndarray) -> np.ndarray:
     """Sum of ``x`` over hosts (identity with one process)."""
-    import jax
     if jax.process_count() == 1:
         return np.asarray(x)
-    from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(np.asarray(x))).sum(axis=0)
 
 
@@ -228,8 +230,6 @@ def folder_source(directory: str) -> list[dict]:
 
 def make_preprocess(vision_size: Sequence[int], image_size: Sequence[int]):
     """Element -> {"vit_pixels", "target", "caption"}: the centred crop of each view's aspect ratio, bicubic."""
-    from bifrost_jax.data.preprocess import decode_image, element_name
-    from bifrost_jax.sample.images import fit_images
 
     def preprocess(element, rng):
         del rng

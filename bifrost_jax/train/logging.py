@@ -29,14 +29,15 @@ from typing import Any, Mapping, Optional, Sequence
 import jax
 import numpy as np
 
+from bifrost_jax.parallel import devices as devspec
+from bifrost_jax.train.state import compiled_flops
+
 PEAK_ENV = "BIFROST_PEAK_TFLOPS"
 
 
 def resolve_peak(config=None, devices: Optional[Sequence] = None) -> tuple[Optional[float], str]:
     """(peak bf16 FLOP/s per device, where it came from): env ``BIFROST_PEAK_TFLOPS``, config
     ``train.peak_tflops_per_device`` (> 0), the device table, else (None, reason)."""
-    from bifrost_jax.parallel import devices as devspec
-
     env = os.environ.get(PEAK_ENV, "").strip()
     if env:
         try:
@@ -104,8 +105,6 @@ class StepFlops:
 def step_flops(phase, compiled, batch_size: int, devices: int, config=None,
                device_list: Optional[Sequence] = None) -> StepFlops:
     """The :class:`StepFlops` of a compiled train step of ``phase`` at global ``batch_size`` over ``devices``."""
-    from bifrost_jax.train.state import compiled_flops
-
     per_device = compiled_flops(compiled) if compiled is not None else None
     breakdown = phase.analytic_flops(batch_size)
     analytic = breakdown.total if breakdown is not None else None
