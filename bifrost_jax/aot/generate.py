@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -31,18 +30,14 @@ from bifrost_jax.components import flux_component
 from bifrost_jax.components.bifrost import latent_controlnet_component, mllm_component
 from bifrost_jax.models import flops as F
 from bifrost_jax.models.flux.vae import latent_image_ids
-from bifrost_jax.parallel.rules import axis_rules, logical_to_mesh_spec, tree_shardings
+from bifrost_jax.parallel.rules import abstract_variables, logical_to_mesh_spec
 from bifrost_jax.sample.pipeline import flux_velocity_fn
 
 
 def _abstract_variables(init_fn, mesh: Mesh):
-    """(abstract variables with shardings, their shardings) from an eval_shape of ``init_fn(rng)``."""
-    with axis_rules(mesh):
-        boxed = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
-    shardings = tree_shardings(nn.get_partition_spec(boxed), mesh)
-    values = nn.meta.unbox(boxed)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), values, shardings)
-    return abstract, shardings
+    """(abstract variables with shardings, their shardings)."""
+    abstract = abstract_variables(init_fn, mesh)
+    return abstract, jax.tree.map(lambda a: a.sharding, abstract)
 
 
 def _sds(mesh: Mesh, shape, dtype, logical):

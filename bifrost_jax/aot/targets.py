@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -15,10 +14,9 @@ from bifrost_jax.aot.generate import generate_target
 from bifrost_jax.aot.report import AotReport, AotTarget
 from bifrost_jax.models import flops as flops_lib
 from bifrost_jax.components import flux_component
-from bifrost_jax.parallel.rules import logical_to_mesh_spec, tree_shardings
+from bifrost_jax.parallel.rules import abstract_variables, logical_to_mesh_spec
 from bifrost_jax.train.registry import PHASES, get_phase
 from bifrost_jax.train.state import StateBuilder, jit_train_step, make_optimizer, make_train_step
-from bifrost_jax.parallel.rules import axis_rules
 
 
 AotBuilder = Callable[[ml_collections.ConfigDict, Mesh], Any]
@@ -87,11 +85,8 @@ def flux_forward_target(config: ml_collections.ConfigDict, mesh: Mesh) -> AotTar
         return (None,) * len(shape) if name.endswith("_ids") else ("batch",) + (None,) * (len(shape) - 1)
 
     dummy = model.dummy_inputs(batch=1)
-    with axis_rules(mesh):
-        boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), **dummy))
-    param_shardings = tree_shardings(nn.get_partition_spec(boxed), mesh)["params"]
-    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          nn.meta.unbox(boxed)["params"], param_shardings)
+    params = abstract_variables(lambda r: model.init(r, **dummy), mesh)["params"]
+    param_shardings = jax.tree.map(lambda a: a.sharding, params)
     batch_shardings = {k: NamedSharding(mesh, logical_to_mesh_spec(axes(k, v.shape))) for k, v in
                        batch_specs.items()}
     batch_args = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_shardings[k])

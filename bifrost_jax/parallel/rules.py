@@ -81,3 +81,18 @@ def axis_rules(mesh: Mesh | None = None, rules=LOGICAL_AXIS_RULES) -> Iterator[N
         else:
             with jax.set_mesh(mesh):
                 yield
+
+
+def abstract_variables(init_fn, mesh: Mesh | None = None, rules=LOGICAL_AXIS_RULES):
+    """``jax.ShapeDtypeStruct``s of the (logically boxed) variables ``init_fn(rng)`` returns, carrying their
+    shardings on ``mesh`` by the rules (without a mesh: this host's first device). Nothing is allocated: this is the
+    abstract state every placed init or restore starts from."""
+    with axis_rules(mesh, rules):
+        boxed = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+    shapes = nn.meta.unbox(boxed)
+    if mesh is None:
+        single = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: single, shapes)
+    else:
+        shardings = tree_shardings(nn.get_partition_spec(boxed), mesh, rules)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)

@@ -22,7 +22,7 @@ from bifrost_jax.components.bifrost import (MllmComponent, latent_controlnet_com
 from bifrost_jax.data.prompt import build_word_tokenizer, load_tokenizer
 from bifrost_jax.data.tokenizers import PaddedTokenizer, hash_tokenizer, hf_tokenizer
 from bifrost_jax.parallel.mesh import make_mesh
-from bifrost_jax.parallel.rules import axis_rules, tree_shardings
+from bifrost_jax.parallel.rules import abstract_variables, axis_rules
 from bifrost_jax.sample.pipeline import BifrostPipeline, FluxTextEncoder, SamplingOptions
 
 BUILD_DOC = """Config schema of ``build_pipeline`` (ml_collections):
@@ -82,15 +82,9 @@ class _Placer:
 
     def __init__(self, mesh, seed: int):
         self.mesh, self.seed = mesh, int(seed)
-        self.single = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
     def abstract(self, init_fn):
-        with axis_rules(self.mesh):
-            boxed = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
-        shapes = nn.meta.unbox(boxed)
-        shardings = (tree_shardings(nn.get_partition_spec(boxed), self.mesh) if self.mesh is not None
-                     else jax.tree.map(lambda _: self.single, shapes))
-        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+        return abstract_variables(init_fn, self.mesh)
 
     def fresh(self, name: str, init_fn, abstract, noise: float):
         if noise > 0:
