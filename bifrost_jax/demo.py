@@ -35,7 +35,8 @@ import numpy as np
 from bifrost_jax.configs import load_config_file
 from bifrost_jax.configs import parse_config_flags
 from bifrost_jax.data.preprocess import crop_box, decode_image, resize_crop
-from bifrost_jax.data.shapes import ShapesOptions, make_example, parse_caption
+from bifrost_jax.data.shapes import ShapesOptions, parse_caption
+from bifrost_jax.eval.run import shapes_examples
 from bifrost_jax.eval.shapes_checker import evaluate
 from bifrost_jax.sample.pipeline import BifrostPipeline, SamplingOptions
 from bifrost_jax.sample.images import make_grid, save_png
@@ -251,8 +252,7 @@ def held_out_prompts(demo, num_prompts: int, *, out_resolution: int, vit_resolut
                             validation_size=0, test_size=num_prompts, seed=int(demo.data.shapes_seed),
                             layout=str(demo.data.layout), jitter=float(demo.data.jitter))
     captions, specs, gt, vit = [], [], [], []
-    for i in range(num_prompts):
-        ex = make_example(options, "test", i)
+    for ex in shapes_examples(num_prompts, options):
         image = decode_image(ex["image"])
         box = crop_box(image.width, image.height)
         captions.append(ex["caption"])

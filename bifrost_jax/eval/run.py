@@ -45,12 +45,16 @@ MODES = ("geneval", "reconstruction", "shapes")
 # ----------------------------------------------------------------------------------------------------------------
 # shapes
 
-def shapes_prompts(num_prompts: int, options=None, split: str = "test"):
-    """(captions, SceneSpecs) of the first ``num_prompts`` examples of a shapes split (``test`` = the held-out
-    colour-shape pairs), exactly the scenes the TFDS build holds (no build needed)."""
-
+def shapes_examples(num_prompts: int, options=None, split: str = "test") -> list[dict]:
+    """The first ``num_prompts`` examples of a shapes split (``test`` = the held-out colour-shape pairs), exactly
+    the scenes the TFDS build holds (no build needed)."""
     options = options or ShapesOptions()
-    examples = [make_example(options, split, i) for i in range(num_prompts)]
+    return [make_example(options, split, i) for i in range(num_prompts)]
+
+
+def shapes_prompts(num_prompts: int, options=None, split: str = "test"):
+    """(captions, SceneSpecs) of ``shapes_examples``."""
+    examples = shapes_examples(num_prompts, options, split)
     return [e["caption"] for e in examples], [SceneSpec.from_features(e) for e in examples]
 
 
