@@ -140,7 +140,7 @@ def _load_official(mllm: MllmComponent, abstract, shardings):
     what = f"config.mllm.port_dir={path}"
     if mllm.official == "orbax":
         return restore_orbax_port(path, ("bifrost-1",), ("mllm", "params"), abstract, shardings, what)
-    mesh = jax.tree.leaves(shardings)[0].mesh
+    mesh = getattr(jax.tree.leaves(shardings)[0], "mesh", None)
     _, variables = port.load("bifrost-1", path, base=mllm.base_dir, dtype=abstract_dtype({"params": abstract}),
                              mesh=mesh, scan_layers=bool(mllm.module.scan_layers),
                              image_grid=tuple(mllm.config.image_grid))

@@ -124,7 +124,7 @@ def load_component(comp: Component, abstract_vars, shardings, collections=("para
     first; ``init_from`` (another phase's checkpoint) overrides it."""
     abstract = {c: abstract_vars[c][comp.name] for c in collections if comp.name in abstract_vars.get(c, {})}
     shard = {c: shardings[c][comp.name] for c in abstract}
-    mesh = jax.tree.leaves(shard)[0].mesh
+    mesh = getattr(jax.tree.leaves(shard)[0], "mesh", None)  # None: one device (ports load unsharded)
     out = {}
     if comp.port_dir:
         if is_orbax_port(comp.port_dir):
