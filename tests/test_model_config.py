@@ -21,7 +21,7 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 # differs from the tiny flux config (1 double / 1 single block, 2 heads) in every block count and the head count
 OTHER_FLUX = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=3, attention_head_dim=8,
                   num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
-                  axes_dims_rope=(2, 3, 3))
+                  axes_dims_rope=(2, 2, 4))
 OTHER_TEXT = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=128, rope_theta=1e6, mrope_section=(2, 2, 2))
 
