@@ -11,6 +11,7 @@ from typing import Iterator, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -87,8 +88,9 @@ def abstract_variables(init_fn, mesh: Mesh | None = None, rules=LOGICAL_AXIS_RUL
     """``jax.ShapeDtypeStruct``s of the (logically boxed) variables ``init_fn(rng)`` returns, carrying their
     shardings on ``mesh`` by the rules (without a mesh: this host's first device). Nothing is allocated: this is the
     abstract state every placed init or restore starts from."""
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32)  # an abstract PRNG key: no array on a (possibly absent) device
     with axis_rules(mesh, rules):
-        boxed = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+        boxed = jax.eval_shape(init_fn, key)
     shapes = nn.meta.unbox(boxed)
     if mesh is None:
         single = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
