@@ -136,8 +136,10 @@ def test_cfg_weight_one_skips_uncond(model):
     # no uncond pass at weight 1: half the decode FLOPs of a guided run
     from bifrost_jax.sample import mar
     flops = lambda guided: mar._mar_decode.lower(  # noqa: E731  (HLO cost before XLA optimisation: no compile)
-        module, variables, jnp.asarray(ids), jnp.asarray(am), rng, jnp.asarray(uids) if guided else None,
-        jnp.asarray(uam) if guided else None, jnp.float32(2.0), num_steps=5, guided=guided
+        module, variables, jnp.asarray(ids), jnp.asarray(am),
+        mar.resolve_orders(rng, None, len(ids), module.config.num_image_tokens),
+        jnp.asarray(uids) if guided else None, jnp.asarray(uam) if guided else None, jnp.float32(2.0), num_steps=5,
+        guided=guided
     ).cost_analysis()["flops"]
     assert flops(True) > 1.8 * flops(False)
     with pytest.raises(ValueError, match="uncond_input_ids"):

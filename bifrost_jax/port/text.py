@@ -32,10 +32,10 @@ def _dummy_ids(length: int = 8):
     return jnp.zeros((1, length), jnp.int32)
 
 
-def _module_options(dtype, compute_dtype, scan_layers, remat_policy, attention_implementation) -> dict:
+def _module_options(dtype, compute_dtype, scan_layers, remat_policy, attention_impl) -> dict:
     # the compute dtype defaults to the parameter dtype: a float32 load computes in float32
     return dict(dtype=compute_dtype or dtype, param_dtype=dtype, scan_layers=scan_layers,
-                remat_policy=remat_policy, attention_implementation=attention_implementation)
+                remat_policy=remat_policy, attention_impl=attention_impl)
 
 
 def _load_params(module, reader, key_map, *, dtype, mesh, ignore_unused=None, what=""):
@@ -70,11 +70,11 @@ def t5_key_map(cfg: T5EncoderConfig, scan: bool, embed_key: str = T5_SHARED) -> 
 
 
 def load_t5_encoder(path: str, *, dtype=jnp.float32, mesh=None, compute_dtype=None, scan_layers: bool = False,
-                    remat_policy: str = "none", attention_implementation=None):
+                    remat_policy: str = "none", attention_impl=None):
     """(T5EncoderModel, {"params": ...}) from a transformers T5EncoderModel directory (FLUX ``text_encoder_2``)."""
     cfg = T5EncoderConfig.from_hf_config(read_json(os.path.join(path, "config.json")))
     module = T5EncoderModel(cfg, **_module_options(dtype, compute_dtype, scan_layers, remat_policy,
-                                                   attention_implementation))
+                                                   attention_impl))
     reader = SafetensorsReader(path)
     # with neither copy present, the error names "shared.weight" (what transformers saves)
     embed_key = T5_EMBED_TOKENS if (T5_EMBED_TOKENS in reader and T5_SHARED not in reader) else T5_SHARED
@@ -119,11 +119,11 @@ def clip_text_key_map(cfg: CLIPTextConfig, scan: bool, prefix: str = CLIP_LEGACY
 
 
 def load_clip_text(path: str, *, dtype=jnp.float32, mesh=None, compute_dtype=None, scan_layers: bool = False,
-                   remat_policy: str = "none", attention_implementation=None):
+                   remat_policy: str = "none", attention_impl=None):
     """(CLIPTextModel, {"params": ...}) from a transformers CLIPTextModel directory (FLUX ``text_encoder``)."""
     cfg = CLIPTextConfig.from_hf_config(read_json(os.path.join(path, "config.json")))
     module = CLIPTextModel(cfg, **_module_options(dtype, compute_dtype, scan_layers, remat_policy,
-                                                  attention_implementation))
+                                                  attention_impl))
     reader = SafetensorsReader(path)
     # the layout is decided by where the token embedding is; every other key is then checked against it
     prefix = CLIP_LEGACY_PREFIX if f"{CLIP_LEGACY_PREFIX}embeddings.token_embedding.weight" in reader else ""

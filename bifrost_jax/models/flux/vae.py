@@ -109,7 +109,7 @@ class AutoencoderKLConfig:
     force_upcast: bool = True
     # Not diffusers fields: compute options.
     remat_policy: str = "none"
-    attention_implementation: Optional[str] = "xla"  # head dim = width (512): beyond cuDNN flash limits
+    attention_impl: Optional[str] = "xla"  # head dim = width (512): beyond cuDNN flash limits
 
     @property
     def downsample_factor(self) -> int:
@@ -129,7 +129,7 @@ class AutoencoderKLConfig:
                 raise ValueError(f"AutoencoderKL config: {field} {bad} not supported (only {kind!r})")
         for f in _IGNORED_HF_FIELDS:
             cfg.pop(f, None)
-        known = {f.name for f in dataclasses.fields(cls)} - {"remat_policy", "attention_implementation"}
+        known = {f.name for f in dataclasses.fields(cls)} - {"remat_policy", "attention_impl"}
         unknown = sorted(set(cfg) - known)
         if unknown:
             raise ValueError(f"AutoencoderKL config: unsupported field(s) {unknown}")
@@ -159,7 +159,7 @@ class AutoencoderKLConfig:
             "up_block_types": [_UP_BLOCK] * n,
         }
         for f in dataclasses.fields(self):
-            if f.name in ("remat_policy", "attention_implementation"):
+            if f.name in ("remat_policy", "attention_impl"):
                 continue
             v = getattr(self, f.name)
             out[f.name] = list(v) if isinstance(v, tuple) else v
@@ -275,7 +275,7 @@ class MidBlock2D(nn.Module):
         resnet, attn = _blocks(cfg)
         x = resnet(self.channels, cfg.norm_num_groups, cfg.act_fn, name="resnets_0", **kw)(x)
         if cfg.mid_block_add_attention:
-            x = attn(cfg.norm_num_groups, implementation=cfg.attention_implementation, name="attentions_0", **kw)(x)
+            x = attn(cfg.norm_num_groups, implementation=cfg.attention_impl, name="attentions_0", **kw)(x)
         return resnet(self.channels, cfg.norm_num_groups, cfg.act_fn, name="resnets_1", **kw)(x)
 
 

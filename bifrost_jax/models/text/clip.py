@@ -95,7 +95,7 @@ class CLIPAttention(nn.Module):
     config: CLIPTextConfig
     dtype: Dtype = jnp.bfloat16
     param_dtype: Dtype = jnp.float32
-    attention_implementation: Optional[str] = None
+    attention_impl: Optional[str] = None
 
     @nn.compact
     def __call__(self, x, mask):
@@ -109,7 +109,7 @@ class CLIPAttention(nn.Module):
         k = heads(dense("k_proj", ("embed", "heads"))(x))
         v = heads(dense("v_proj", ("embed", "heads"))(x))
         out = dot_product_attention(q, k, v, mask=mask, scale=cfg.head_dim ** -0.5,
-                                    implementation=self.attention_implementation)
+                                    implementation=self.attention_impl)
         out = dense("out_proj", ("heads", "embed"))(out.reshape(b, l, cfg.hidden_size))
         return checkpoint_name(out, "attn_out")
 
@@ -134,14 +134,14 @@ class CLIPEncoderLayer(nn.Module):
     config: CLIPTextConfig
     dtype: Dtype = jnp.bfloat16
     param_dtype: Dtype = jnp.float32
-    attention_implementation: Optional[str] = None
+    attention_impl: Optional[str] = None
 
     @nn.compact
     def __call__(self, x, mask):
         cfg = self.config
         norm = lambda n: LayerNorm(eps=cfg.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,  # noqa
                                    name=n)
-        x = x + CLIPAttention(cfg, self.dtype, self.param_dtype, self.attention_implementation,
+        x = x + CLIPAttention(cfg, self.dtype, self.param_dtype, self.attention_impl,
                               name="self_attn")(norm("layer_norm1")(x), mask)
         x = x + CLIPMLP(cfg, self.dtype, self.param_dtype, name="mlp")(norm("layer_norm2")(x))
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
@@ -157,7 +157,7 @@ class CLIPTextModel(nn.Module):
     param_dtype: Dtype = jnp.float32
     scan_layers: bool = False
     remat_policy: str = "none"
-    attention_implementation: Optional[str] = None
+    attention_impl: Optional[str] = None
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, position_ids=None):
@@ -179,7 +179,7 @@ class CLIPTextModel(nn.Module):
             mask = mask & (attention_mask[:, None, None, :] != 0)
 
         layer_kw = dict(config=cfg, dtype=self.dtype, param_dtype=self.param_dtype,
-                        attention_implementation=self.attention_implementation)
+                        attention_impl=self.attention_impl)
         if self.scan_layers:
             x, _ = scanned(CLIPEncoderLayer, cfg.num_hidden_layers, remat=self.remat_policy)(
                 **layer_kw, name="layers")(x, mask)
