@@ -141,11 +141,12 @@ def _decode(module, variables, input_ids, attention_mask, position_ids, image_fe
         v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), slot, axis=2)
         valid = jax.lax.dynamic_update_slice_in_dim(valid, jnp.ones((b, 1), bool), slot, axis=1)
         new = sample(logits, keys, i)
-        tokens = jax.lax.dynamic_update_slice_in_dim(tokens, jnp.where(done, pad_id, new)[:, None], i, axis=1)
+        out = jnp.where(done, pad_id, new)  # finished rows emit (and are next fed) the pad id, as transformers
+        tokens = jax.lax.dynamic_update_slice_in_dim(tokens, out[:, None], i, axis=1)
         if return_logits:
             all_logits = jax.lax.dynamic_update_slice_in_dim(all_logits, logits.astype(jnp.float32)[:, None], i,
                                                              axis=1)
-        return i + 1, new, done | jnp.isin(new, eos), tokens, k_cache, v_cache, valid, all_logits
+        return i + 1, out, done | jnp.isin(out, eos), tokens, k_cache, v_cache, valid, all_logits
 
     state = (jnp.int32(1), token, done, tokens, k_cache, v_cache, valid, all_logits)
     _, _, _, tokens, *_, all_logits = jax.lax.while_loop(cond, body, state)
@@ -290,10 +291,15 @@ class TextGenerator:
         """A ``Prompt`` from chat messages (``data.chat``) and their images (PIL or uint8 arrays, in order)."""
         if self.tokenizer is None:
             raise ValueError("TextGenerator.prompt needs a tokenizer")
-        v = self.module.config.vision
-        prepared = [prepare_image(im, self.image_options, v.patch_size, v.spatial_merge_size) for im in images]
-        counts = [g[1] * g[2] // v.spatial_merge_size ** 2 for _, g in prepared]
+        prepared = [self.prompt_image(im) for im in images]
+        merge = self.module.config.vision.spatial_merge_size
+        counts = [g[1] * g[2] // merge ** 2 for _, g in prepared]
         return Prompt(chat_token_ids(self.tokenizer, messages, counts), prepared, int(seed))
+
+    def prompt_image(self, image):
+        """(pixel_values, grid_thw) of one image with this generator's ``image_options``."""
+        v = self.module.config.vision
+        return prepare_image(image, self.image_options, v.patch_size, v.spatial_merge_size)
 
     def _shards(self) -> int:
         if self.mesh is None:
