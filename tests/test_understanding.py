@@ -27,6 +27,7 @@ from bifrost_jax.parallel.mesh import make_mesh
 from bifrost_jax.port.bifrost import vl_params_from
 from bifrost_jax.port.qwen import save_qwen_vl
 from bifrost_jax.sample.text import DecodeOptions, ImageOptions, Prompt, TextGenerator
+from bifrost_jax.sample.understanding import load_understanding
 from bifrost_jax.train import bifrost_phases  # noqa: F401  (registers the phases)
 from bifrost_jax.train.loop import train
 from bifrost_jax.train.phases import get_phase
@@ -182,6 +183,10 @@ def test_answers_preserved_after_mllm_training_from_qwen(tmp_path):
     after_params = vl_params_from(trained["mllm"], trained["vision"], variables["params"].get("lm_head"))
     _check_flat_equal(after_params, variables["params"])
     _check_preserved(before, _answers(vl, {"params": after_params}), trained)
+    # `bifrost chat --checkpoint WORKDIR`: the run's start, found through its saved config
+    loaded = load_understanding(str(tmp_path / "work"))
+    assert qwen_dir in loaded.source
+    _check_flat_equal(loaded.variables["params"], variables["params"])
 
 
 def test_answers_preserved_after_mllm_training_from_official_bifrost1(official, tmp_path):  # noqa: F811
