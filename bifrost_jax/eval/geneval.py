@@ -67,7 +67,7 @@ def is_finished(out: str, index: int, num_images: int) -> bool:
             and all(os.path.isfile(sample_path(out, index, i)) for i in range(num_images)))
 
 
-def _write_text_atomic(path: str, text: str) -> None:
+def write_text_atomic(path: str, text: str) -> None:
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp_", dir=directory)
@@ -82,7 +82,15 @@ def write_prompt(out: str, index: int, metadata_line: str, images: np.ndarray, g
         save_png(sample_path(out, index, i), image)
     if grid:
         save_png(os.path.join(prompt_dir(out, index), "grid.png"), make_grid(images))
-    _write_text_atomic(os.path.join(prompt_dir(out, index), "metadata.jsonl"), metadata_line + "\n")
+    write_text_atomic(os.path.join(prompt_dir(out, index), "metadata.jsonl"), metadata_line + "\n")
+
+
+def barrier(name: str) -> None:
+    """Wait for every host (no-op on one)."""
+    import jax
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
 
 
 def assigned(num_prompts: int, process_index: int, process_count: int) -> list[int]:

@@ -1,4 +1,5 @@
-"""``bifrost eval geneval | reconstruction | shapes``: sharded evaluation of a Bifrost-1 pipeline.
+"""``bifrost eval geneval | dpg | reconstruction | shapes | understanding``: sharded evaluation of a Bifrost-1 pipeline
+(``understanding``: of its understanding model, ``eval/understanding.py``).
 
 Every mode builds the pipeline with ``sample.pipeline.build_pipeline(--config, --checkpoint)`` on each host (its
 ``config.mesh`` spans that host's local devices) and splits the work over hosts (``jax.process_index/count``);
@@ -8,6 +9,9 @@ see ``launch/local_multiprocess.py``). The only cross-host communication is the 
 
     bifrost eval geneval --config CFG [--checkpoint WORKDIR] --prompts evaluation_metadata.jsonl --out DIR
         [--num-images 4] [--batch-size 4] [--limit N] [--seed S]
+    bifrost eval dpg --config CFG [--checkpoint WORKDIR] --prompts DPG_PROMPTS_DIR --out DIR [--batch-size 4]
+        [--limit N] [--seed S]          (eval/dpg.py: <name>.png 2x2 grids without padding)
+    bifrost eval understanding --checkpoint CKPT --data BENCH.tsv [--data ...] --out DIR   (its own --help)
     bifrost eval reconstruction --config CFG [--checkpoint WORKDIR] --dataset shapes|folder --data-dir DIR
         [--split validation] [--limit N] [--batch-size 4] [--use-captions] [--inception WEIGHTS] --out DIR
     bifrost eval shapes --config CFG [--checkpoint WORKDIR] --out DIR [--num-prompts 200] [--num-images 4]
@@ -27,9 +31,10 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from bifrost_jax.eval.geneval import barrier
 from bifrost_jax.eval.shapes_checker import (ATTRIBUTES, CheckerConfig, ShapesReport, chance_levels, check_image)
 
-MODES = ("geneval", "reconstruction", "shapes")
+MODES = ("geneval", "dpg", "reconstruction", "shapes", "understanding")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -94,6 +99,9 @@ def _parser(mode: str) -> argparse.ArgumentParser:
         p.add_argument("--num-images", type=int, default=None, help="samples per prompt (default: config)")
         p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
         p.add_argument("--no-grid", action="store_true", help="do not write grid.png per prompt")
+    elif mode == "dpg":
+        p.add_argument("--prompts", required=True, help="folder of DPG-Bench <name>.txt prompt files")
+        p.add_argument("--limit", type=int, default=None, help="only the first N prompts (by name)")
     elif mode == "reconstruction":
         p.add_argument("--dataset", choices=("shapes", "folder"), default="shapes")
         p.add_argument("--data-dir", required=True, help="TFDS data_dir (shapes) or a directory of images (folder)")
@@ -133,13 +141,6 @@ class _Limited:
         return self.source[i]
 
 
-def _barrier(name: str) -> None:
-    import jax
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(name)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in MODES:
@@ -149,6 +150,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
         return 0
     mode = argv[0]
+    if mode == "understanding":  # no image pipeline: its own flags
+        from bifrost_jax.eval.understanding import main as understanding_main
+        return understanding_main(argv[1:])
     args, rest = _parser(mode).parse_known_args(argv[1:])
     if mode == "reconstruction" and args.inception and not os.path.exists(args.inception):
         raise SystemExit(f"bifrost eval reconstruction: --inception {args.inception}: no such file (pytorch-fid's "
@@ -176,13 +180,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         done = run_geneval(generate, prompts, args.out, num_images=k, batch_size=args.batch_size, seed=seed,
                            process_index=pi, process_count=pc, grid=not args.no_grid)
         print(f"geneval: process {pi} generated {len(done)} prompts")
-        _barrier("bifrost_eval_geneval_done")
+        barrier("bifrost_eval_geneval_done")
         missing = missing_prompts(args.out, len(prompts), k)
         if missing:
             print(f"geneval: {len(missing)} prompts unfinished: {missing[:20]}", file=sys.stderr)
             return 1
         if pi == 0:
             print(f"geneval: all {len(prompts)} prompts x {k} images in {args.out}")
+        return 0
+
+    if mode == "dpg":
+        from bifrost_jax.eval.dpg import missing_prompts as dpg_missing
+        from bifrost_jax.eval.dpg import read_prompts as dpg_prompts
+        from bifrost_jax.eval.dpg import run_dpg
+        prompts = dpg_prompts(args.prompts, args.limit)
+        run_dpg(generate, prompts, args.out, seed=seed, batch_size=args.batch_size, process_index=pi,
+                process_count=pc)
+        barrier("bifrost_eval_dpg_done")
+        missing = dpg_missing(args.out, prompts)
+        if missing:
+            print(f"dpg: {len(missing)} prompts unfinished: {missing[:20]}", file=sys.stderr)
+            return 1
         return 0
 
     if mode == "reconstruction":
