@@ -13,15 +13,13 @@ Each host appends what it generated to ``OUT/.dpg_log/process_<i>.jsonl``.
 """
 from __future__ import annotations
 
-import json
 import os
-import time
 import zlib
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from bifrost_jax.eval.geneval import assigned
+from bifrost_jax.eval.geneval import generate_assigned
 from bifrost_jax.sample.pipeline import make_grid, save_png
 
 IMAGES_PER_PROMPT = 4
@@ -59,29 +57,15 @@ def grid_path(out: str, name: str) -> str:
 def run_dpg(generate_fn: GenerateFn, prompts: Sequence[tuple[str, str]], out: str, *, seed: int, batch_size: int,
             process_index: int = 0, process_count: int = 1, progress: bool = True) -> list[str]:
     """Generate this host's unfinished prompts; returns the names generated now."""
-    mine = assigned(len(prompts), process_index, process_count)
-    todo = [i for i in mine if not os.path.isfile(grid_path(out, prompts[i][0]))]
-    print(f"dpg: process {process_index}/{process_count}: {len(mine)} prompts, {len(mine) - len(todo)} already "
-          f"finished, {len(todo)} to generate")
-    log_path = os.path.join(out, LOG_DIR, f"process_{process_index}.jsonl")
-    os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
-    if progress:
-        from tqdm import tqdm
-        batches = tqdm(batches, desc=f"dpg[{process_index}]", unit="batch")
-    done = []
     k = IMAGES_PER_PROMPT
-    for batch in batches:
-        padded = batch + [batch[-1]] * (batch_size - len(batch))  # one static shape for every call
-        names = [prompts[i][0] for i in padded]
-        images = np.asarray(generate_fn([prompts[i][1] for i in padded], k, [prompt_seed(seed, n) for n in names]))
-        for j, index in enumerate(batch):
-            name = prompts[index][0]
-            save_png(grid_path(out, name), make_grid(images[j * k:(j + 1) * k], cols=2, pad=0))
-            with open(log_path, "a") as fh:
-                fh.write(json.dumps({"name": name, "time": time.time()}) + "\n")
-            done.append(name)
-    return done
+    done = generate_assigned(
+        "dpg", len(prompts), out, is_finished=lambda i: os.path.isfile(grid_path(out, prompts[i][0])),
+        generate=lambda idx: generate_fn([prompts[i][1] for i in idx], k,
+                                         [prompt_seed(seed, prompts[i][0]) for i in idx]),
+        write=lambda i, images: save_png(grid_path(out, prompts[i][0]), make_grid(images, cols=2, pad=0)),
+        images_per_prompt=k, batch_size=batch_size, process_index=process_index, process_count=process_count,
+        log_dir=LOG_DIR, log_fields=lambda i: {"name": prompts[i][0]}, progress=progress)
+    return [prompts[i][0] for i in done]
 
 
 def missing_prompts(out: str, prompts: Sequence[tuple[str, str]]) -> list[str]:

@@ -270,12 +270,8 @@ class BifrostPipeline:
 
     # -- sharding ------------------------------------------------------------------------------------------------
     def _batch_shards(self) -> int:
-        if self.mesh is None:
-            return 1
-        from bifrost_jax.parallel.rules import logical_to_mesh_spec
-        axes = logical_to_mesh_spec(("batch",))[0]
-        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        return int(np.prod([self.mesh.shape[a] for a in axes])) if axes else 1
+        from bifrost_jax.parallel.rules import batch_shards
+        return batch_shards(self.mesh)
 
     def _put(self, x):
         """Shard the leading axis of ``x`` on "batch" (rows are padded to a multiple of the shards beforehand)."""

@@ -42,7 +42,7 @@ from bifrost_jax.data.prompt import IM_END, Tokenizer
 from bifrost_jax.data.qwen_image import MAX_PIXELS, MIN_PIXELS, preprocess_image, smart_resize, to_rgb_pil
 from bifrost_jax.models.qwen.decoder import causal_padding_mask
 from bifrost_jax.models.qwen.vl import QwenVLForConditionalGeneration, rope_index_per_image
-from bifrost_jax.parallel.rules import axis_rules, logical_to_mesh_spec
+from bifrost_jax.parallel.rules import axis_rules, batch_shards, logical_to_mesh_spec
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -301,13 +301,6 @@ class TextGenerator:
         v = self.module.config.vision
         return prepare_image(image, self.image_options, v.patch_size, v.spatial_merge_size)
 
-    def _shards(self) -> int:
-        if self.mesh is None:
-            return 1
-        spec = logical_to_mesh_spec(("batch",))[0]
-        axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
-        return int(np.prod([self.mesh.shape[a] for a in axes])) if axes else 1
-
     def _put(self, x, batch_axis: int = 0):
         if self.mesh is None:
             return jnp.asarray(x)
@@ -354,7 +347,7 @@ class TextGenerator:
     def generate_batch(self, prompts: Sequence[Prompt], options: DecodeOptions = DecodeOptions(),
                        return_logits: bool = False):
         """One call: tokens (B, max_new) (and logits) for at most a batch of prompts; rows padded to the shards."""
-        shards = self._shards()
+        shards = batch_shards(self.mesh)
         rows = round_up(len(prompts), shards)
         padded = list(prompts) + [prompts[-1]] * (rows - len(prompts))
         ids, mask, positions = self.batch_arrays(padded)
