@@ -26,7 +26,7 @@ from bifrost_jax import port
 from bifrost_jax.parallel.mesh import make_mesh
 from bifrost_jax.port.bifrost import vl_params_from
 from bifrost_jax.port.qwen import save_qwen_vl
-from bifrost_jax.sample.text import DecodeOptions, ImageOptions, Prompt, TextGenerator
+from bifrost_jax.sample.text import DecodeOptions, ImageBuckets, ImageOptions, Prompt, TextGenerator, prepare_image
 from bifrost_jax.sample.understanding import load_understanding
 from bifrost_jax.train import bifrost_phases  # noqa: F401  (registers the phases)
 from bifrost_jax.train.loop import train
@@ -200,3 +200,30 @@ def _check_flat_equal(a, b):
     fa, fb = traverse_util.flatten_dict(jax.device_get(a)), traverse_util.flatten_dict(jax.device_get(b))
     assert fa.keys() == fb.keys()
     assert all(np.array_equal(fa[k], fb[k]) for k in fa)
+
+
+def test_scanned_layers_decode_the_same(reference):
+    """The kv_cache path of the scanned layer stack (``nn.scan`` over the stacked cache) equals the unscanned one."""
+    _, module, variables, path = reference
+    scanned_module, scanned_vars = port.load("qwen2.5-vl", path, scan_layers=True)
+    prompts = _prompts()
+    options = DecodeOptions(max_new_tokens=4)
+    a = TextGenerator(module, variables, eos_ids=(299,), pad_id=PAD).generate_batch(prompts, options, True)
+    b = TextGenerator(scanned_module, scanned_vars, eos_ids=(299,), pad_id=PAD).generate_batch(prompts, options, True)
+    np.testing.assert_array_equal(a[0], b[0])
+    assert max_rel_err(b[1], a[1]) <= 1e-5
+
+
+def test_image_buckets_bound_the_grids():
+    buckets = ImageBuckets.default(max_pixels=448 * 448, min_pixels=56 * 56)
+    assert len(buckets.sizes) <= 27 and all(h % 28 == 0 and w % 28 == 0 for h, w in buckets.sizes)
+    rng = np.random.default_rng(0)
+    sizes = {buckets.assign(int(h), int(w), int(h) * int(w)) for h, w in rng.integers(60, 900, (200, 2))}
+    assert sizes <= set(buckets.sizes)
+    wide, tall = buckets.assign(100, 300, 100 * 300), buckets.assign(300, 100, 300 * 100)
+    assert wide[1] > wide[0] and tall[0] > tall[1]  # the aspect ratio is kept
+    image = rng.integers(0, 256, (90, 170, 3), dtype=np.uint8)
+    pv, grid = prepare_image(image, ImageOptions(56 * 56, 448 * 448, buckets))
+    assert (grid[1] * 14, grid[2] * 14) in buckets.sizes and pv.shape == (grid[1] * grid[2], 1176)
+    with pytest.raises(ValueError, match="multiples of 28"):
+        ImageBuckets(((30, 28),))
