@@ -47,11 +47,13 @@ def test_dpg_grids_seeds_and_resume(tmp_path):
         assert np.abs(crops[k].astype(int) - direct[k].astype(int)).max() <= 1
     assert not np.array_equal(crops[0], crops[1])  # four different samples
 
-    # resume: one grid lost; only it is generated again, with the same pixels
+    # resume (same loop as the command, one pipeline here): one grid lost; only it is generated again, the same
     log = out / dpg.LOG_DIR / "process_0.jsonl"
     log.unlink()
     os.remove(out / f"{prompts[1][0]}.png")
-    assert run.main(argv) == 0
+    done = dpg.run_dpg(lambda p, k, s: pipe.generate(list(p), num_images_per_prompt=k, seed=list(s)), prompts,
+                       str(out), seed=7, batch_size=2, progress=False)
+    assert done == [prompts[1][0]] and dpg.missing_prompts(str(out), prompts) == []
     assert [json.loads(x)["name"] for x in log.read_text().splitlines()] == [prompts[1][0]]
     again = np.asarray(Image.open(out / f"{prompts[1][0]}.png"))
     assert np.abs(again.astype(int) - grids[prompts[1][0]].astype(int)).max() <= 1

@@ -104,12 +104,12 @@ def _sample(module, variables, mesh, prompts):
 
 def test_sampling_reproducible_across_runs_and_meshes(reference):
     _, module, variables, path = reference
-    prompts = _prompts()
-    mesh_a = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    mesh_b = make_mesh({"data": 8, "fsdp": 1, "tensor": 1})
+    prompts = [_prompts()[i] for i in (0, 2)]  # an image prompt and a text-only one (one ViT program per mesh)
+    mesh_a = make_mesh({"data": 1, "fsdp": 2, "tensor": 2}, devices=jax.devices()[:4])
+    mesh_b = make_mesh({"data": 2, "fsdp": 1, "tensor": 1}, devices=jax.devices()[4:6])
     _, params_a = port.load("qwen2.5-vl", path, mesh=mesh_a)  # weights sharded by the mesh rules
     kernel = params_a["params"]["language_model"]["layers_0"]["mlp"]["up_proj"]["kernel"]
-    assert len(kernel.sharding.device_set) == 8 and not kernel.sharding.is_fully_replicated
+    assert len(kernel.sharding.device_set) == 4 and not kernel.sharding.is_fully_replicated
     first = _sample(module, params_a, mesh_a, prompts)
     again = _sample(module, params_a, mesh_a, prompts)
     other = _sample(module, variables, mesh_b, prompts)
@@ -206,8 +206,8 @@ def test_scanned_layers_decode_the_same(reference):
     """The kv_cache path of the scanned layer stack (``nn.scan`` over the stacked cache) equals the unscanned one."""
     _, module, variables, path = reference
     scanned_module, scanned_vars = port.load("qwen2.5-vl", path, scan_layers=True)
-    prompts = _prompts()
-    options = DecodeOptions(max_new_tokens=4)
+    prompts = _prompts()[2:]  # text only: the layer stacks differ, the vision tower does not
+    options = DecodeOptions(max_new_tokens=3)
     a = TextGenerator(module, variables, eos_ids=(299,), pad_id=PAD).generate_batch(prompts, options, True)
     b = TextGenerator(scanned_module, scanned_vars, eos_ids=(299,), pad_id=PAD).generate_batch(prompts, options, True)
     np.testing.assert_array_equal(a[0], b[0])
