@@ -371,12 +371,16 @@ class TextGenerator:
 
     def generate(self, prompts: Sequence[Prompt], options: DecodeOptions = DecodeOptions()) -> list[list[int]]:
         """Token lists for any number of prompts, in batches of ``batch_size`` grouped by length (so that rows of
-        similar length share a bucket); the result is in the order of ``prompts``."""
+        similar length share a bucket; a short last batch is padded to the same row count); the result is in the
+        order of ``prompts``."""
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].ids))
         out: list = [None] * len(prompts)
         for s in range(0, len(order), self.batch_size):
             chunk = order[s:s + self.batch_size]
-            tokens = self.generate_batch([prompts[i] for i in chunk], options)
+            rows = [prompts[i] for i in chunk]
+            if len(order) > self.batch_size:
+                rows += [rows[-1]] * (self.batch_size - len(rows))
+            tokens = self.generate_batch(rows, options)
             for i, row in zip(chunk, tokens):
                 out[i] = self.strip(row)
         return out
