@@ -7,7 +7,7 @@ then reports tokens/s (batch x new tokens / wall time, median of ``--repeats`` r
 compiles) and the ratio. Float32 both.
 
     .venv/bin/python benchmarks/text_decode.py
-    .venv/bin/python benchmarks/text_decode.py --batch 4 --new-tokens 64 --markdown /tmp/td.md
+    .venv/bin/python benchmarks/text_decode.py --batch 4 --new-tokens 64 --markdown text_decode.md
 """
 from __future__ import annotations
 
