@@ -194,6 +194,12 @@ def test_answers_preserved_after_mllm_training_from_official_bifrost1(official, 
     trained = _train_mllm(tmp_path, f"mllm.port_dir={official['full_dir']}", f"mllm.base_dir={official['base']}")
     after_params = vl_params_from(trained["mllm"], trained["vision"], variables["vl"]["params"].get("lm_head"))
     _check_preserved(before, _answers(pair.vl, {"params": after_params}), trained)
+    # `bifrost chat` on the checkpoint (needs --base) and on the run (its saved config names both)
+    with pytest.raises(ValueError, match="base="):
+        load_understanding(official["full_dir"])
+    for path, base in ((official["full_dir"], official["base"]), (str(tmp_path / "work"), None)):
+        loaded = load_understanding(path, base=base)
+        _check_flat_equal(loaded.variables["params"], variables["vl"]["params"])
 
 
 def _check_flat_equal(a, b):
