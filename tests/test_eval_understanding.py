@@ -17,7 +17,8 @@ import pytest
 from PIL import Image
 from test_chat import PIXELS, qwen_dir  # noqa: F401  (the tiny model fixture)
 
-from bifrost_jax.data.vlmeval import (MCQ_EN, build_prompt, option_from_answer, read_tsv, yes_no_from_answer)
+from bifrost_jax.data.vlmeval import (MCQ_EN, answer_matches, build_prompt, option_from_answer, prepare_question,
+                                      read_tsv, yes_no_from_answer, yes_no_truth)
 from bifrost_jax.eval import run
 from bifrost_jax.eval.understanding import finished, malformed_rows, run_benchmark, score_benchmark
 
@@ -119,6 +120,12 @@ def test_prompts_and_extraction(data):
     assert option_from_answer("A or B", opts) is None and option_from_answer("purple", opts) is None
     assert yes_no_from_answer("Yes, it is.") == "Yes" and yes_no_from_answer("no") == "No"
     assert yes_no_from_answer("yes and no") == "Unknown"
+    assert yes_no_truth("1") == "Yes" and yes_no_truth("no") == "No"
+    assert answer_matches("The value is 42 m.", {"answer": "42"}, {})  # an MMMU open question
+    mmmu = prepare_question(dict(rows[0], A="", B="", C="", D="", answer="42"), "mmmu", "MMMU_DEV_VAL", ".")
+    assert mmmu.options == {} and mmmu.text == "Hint: Look closely.\nQuestion: What colour is it?"
+    with pytest.raises(ValueError, match="fewer than two options"):
+        prepare_question(dict(rows[0], B="", C="", D=""), "mcq", "MMBench_DEV_EN", ".")
 
 
 def test_metrics_sharding_and_resume(data, tmp_path):

@@ -23,7 +23,8 @@ Answers are extracted by exact matching (no LLM judge), as VLMEvalKit's ``can_in
 ``YOrN_Extraction``: ``option_from_answer`` takes the option letter when exactly one option letter appears among the
 answer's words (punctuation ``.()[],:;!*#{}`` counts as space), else the option whose text is the only one contained
 in the answer (answers longer than twice the options' total length never match by text); ``yes_no_from_answer``
-gives Yes / No when exactly one of the two words appears.
+gives Yes / No when exactly one of the two words appears. MMMU's open questions (no options) count as right when the
+answer contains the reference value.
 """
 from __future__ import annotations
 
@@ -164,7 +165,9 @@ def prepare_question(row: dict, kind: str, name: str, root: str) -> Question:
     if _missing(row.get("answer")):
         raise ValueError("no answer")
     options = options_of(row) if kind != "yes/no" else {}
-    if kind != "yes/no":
+    if kind == "mmmu" and not options:
+        pass  # MMMU's open questions: no options, the answer is a value (``answer_matches``)
+    elif kind != "yes/no":
         if len(options) < 2:
             raise ValueError(f"fewer than two options ({sorted(options)})")
         letters = [c for c in string.ascii_uppercase if c in row]
@@ -196,6 +199,20 @@ def option_from_answer(answer: str, options: dict[str, str]) -> Optional[str]:
         return None
     by_text = [k for k, v in options.items() if v.lower() in lower]
     return by_text[0] if len(by_text) == 1 else None
+
+
+def answer_matches(prediction: str, row: dict, options: dict[str, str]) -> bool:
+    """Exact-match scoring of one multiple-choice (or MMMU open) row."""
+    truth = str(row["answer"]).strip()
+    if options:
+        return option_from_answer(prediction, options) == truth
+    return truth.lower() in str(prediction).lower()
+
+
+def yes_no_truth(answer) -> str:
+    """"Yes" / "No" from a yes/no set's answer (HallusionBench files may write 1 / 0)."""
+    a = str(answer).strip().lower()
+    return {"1": "Yes", "0": "No", "yes": "Yes", "no": "No"}.get(a, str(answer).strip())
 
 
 def yes_no_from_answer(answer: str) -> str:

@@ -33,8 +33,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from bifrost_jax.data.vlmeval import (benchmark_kind, option_from_answer, options_of, prepare_question, read_tsv,
-                                      resolve_shared_images, yes_no_from_answer)
+from bifrost_jax.data.vlmeval import (answer_matches, benchmark_kind, options_of, prepare_question, read_tsv,
+                                      resolve_shared_images, yes_no_from_answer, yes_no_truth)
 from bifrost_jax.eval.geneval import assigned, barrier, write_text_atomic
 
 LOG_DIR = ".understanding"
@@ -144,7 +144,7 @@ def _by(rows, key, hits) -> dict[str, float]:
 
 def score_mcq(rows: list[dict], predictions: dict[str, str]) -> dict:
     """Accuracy overall / per category, l2-category, split; circular accuracy when copies are present."""
-    hits = [option_from_answer(predictions[str(r["index"])], options_of(r)) == str(r["answer"]).strip() for r in rows]
+    hits = [answer_matches(predictions[str(r["index"])], r, options_of(r)) for r in rows]
     out = {"accuracy": _mean(hits), "num_rows": len(rows), "per_category": _by(rows, "category", hits),
            "per_l2_category": _by(rows, "l2-category", hits), "per_split": _by(rows, "split", hits)}
     if any(int(float(r["index"])) >= CIRCULAR_OFFSET for r in rows):
@@ -165,8 +165,7 @@ def score_mcq(rows: list[dict], predictions: dict[str, str]) -> dict:
 
 def score_yes_no(rows: list[dict], predictions: dict[str, str], name: str) -> dict:
     """Accuracy overall and per category; MME scores; HallusionBench figure / question-pair accuracy."""
-    hits = [yes_no_from_answer(predictions[str(r["index"])]).lower() == str(r["answer"]).strip().lower()
-            for r in rows]
+    hits = [yes_no_from_answer(predictions[str(r["index"])]) == yes_no_truth(r["answer"]) for r in rows]
     out = {"accuracy": _mean(hits), "num_rows": len(rows), "per_category": _by(rows, "category", hits),
            "unknown_answers": sum(yes_no_from_answer(predictions[str(r["index"])]) == "Unknown" for r in rows)}
     if name.startswith("MME"):
