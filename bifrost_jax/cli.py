@@ -1,4 +1,4 @@
-"""The `bifrost` command line: train | generate | eval | port | cache-latents | aot | demo.
+"""The `bifrost` command line: train | generate | chat | eval | port | cache-latents | aot | demo.
 
 Each subcommand imports its machinery lazily so that `bifrost --help` is instant.
 """
@@ -27,7 +27,9 @@ def _available(handler) -> bool:
 COMMANDS = {
     "train": ("train a phase from a config", _delegate("bifrost_jax.train.loop", "main")),
     "generate": ("generate images from prompts", _delegate("bifrost_jax.generate", "main")),
-    "eval": ("sharded evaluation: geneval | reconstruction | shapes", _delegate("bifrost_jax.eval.run", "main")),
+    "chat": ("answer questions about images (the understanding path)", _delegate("bifrost_jax.chat", "main")),
+    "eval": ("sharded evaluation: geneval | dpg | reconstruction | shapes | understanding",
+             _delegate("bifrost_jax.eval.run", "main")),
     "port": ("port a PyTorch checkpoint into an Orbax checkpoint", _delegate("bifrost_jax.port.cli", "main")),
     "cache-latents": ("precompute a phase's CLIP latents (frozen vision tower) for data.precomputed_clip_latents",
                       _delegate("bifrost_jax.train.cache_latents", "main")),

@@ -50,7 +50,7 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = MI
     return h, w
 
 
-def _to_rgb_pil(image):
+def to_rgb_pil(image):
     """A PIL RGB image from a PIL image (transparency composited onto white, as the processor does) or a uint8
     array (H, W), (H, W, 1), (H, W, 3) or (H, W, 4)."""
     from PIL import Image
@@ -92,7 +92,7 @@ def preprocess_image(image, *, min_pixels: int = MIN_PIXELS, max_pixels: int = M
     """One image -> (pixel_values (patches, 1176) float32, grid_thw (1, H/14, W/14))."""
     from PIL import Image
 
-    pil = _to_rgb_pil(image)
+    pil = to_rgb_pil(image)
     if do_resize:
         h, w = smart_resize(pil.height, pil.width, patch_size * merge_size, min_pixels, max_pixels)
         if (h, w) != (pil.height, pil.width):

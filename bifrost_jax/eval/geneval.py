@@ -67,7 +67,7 @@ def is_finished(out: str, index: int, num_images: int) -> bool:
             and all(os.path.isfile(sample_path(out, index, i)) for i in range(num_images)))
 
 
-def _write_text_atomic(path: str, text: str) -> None:
+def write_text_atomic(path: str, text: str) -> None:
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp_", dir=directory)
@@ -82,7 +82,15 @@ def write_prompt(out: str, index: int, metadata_line: str, images: np.ndarray, g
         save_png(sample_path(out, index, i), image)
     if grid:
         save_png(os.path.join(prompt_dir(out, index), "grid.png"), make_grid(images))
-    _write_text_atomic(os.path.join(prompt_dir(out, index), "metadata.jsonl"), metadata_line + "\n")
+    write_text_atomic(os.path.join(prompt_dir(out, index), "metadata.jsonl"), metadata_line + "\n")
+
+
+def barrier(name: str) -> None:
+    """Wait for every host (no-op on one)."""
+    import jax
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
 
 
 def assigned(num_prompts: int, process_index: int, process_count: int) -> list[int]:
@@ -90,31 +98,49 @@ def assigned(num_prompts: int, process_index: int, process_count: int) -> list[i
     return list(range(process_index, num_prompts, process_count))
 
 
-def run_geneval(generate_fn: GenerateFn, prompts: Sequence[tuple[str, dict]], out: str, *, num_images: int,
-                batch_size: int, seed: int, process_index: int = 0, process_count: int = 1, grid: bool = True,
-                progress: bool = True) -> list[int]:
-    """Generate this host's unfinished prompts; returns the indices generated now."""
-    mine = assigned(len(prompts), process_index, process_count)
-    todo = [i for i in mine if not is_finished(out, i, num_images)]
-    print(f"geneval: process {process_index}/{process_count}: {len(mine)} prompts, {len(mine) - len(todo)} already "
+def generate_assigned(label: str, count: int, out: str, *, is_finished: Callable[[int], bool],
+                      generate: Callable[[list[int]], np.ndarray], write: Callable[[int, np.ndarray], None],
+                      images_per_prompt: int, batch_size: int, process_index: int = 0, process_count: int = 1,
+                      log_dir: str = LOG_DIR, log_fields: Callable[[int], dict] = lambda i: {},
+                      progress: bool = True) -> list[int]:
+    """The sharded, resumable generation loop of the image benchmarks (GenEval, DPG-Bench): this host's share of
+    prompts ``0..count-1`` (``assigned``) minus the finished ones, in batches of ``batch_size`` (a short last batch
+    padded with its last prompt, so every call has one static shape). ``generate(indices)`` -> uint8
+    (len * images_per_prompt, H, W, 3); ``write(index, images)`` stores one prompt's images; each written prompt is
+    appended to ``out/log_dir/process_<i>.jsonl``. Returns the indices generated now."""
+    mine = assigned(count, process_index, process_count)
+    todo = [i for i in mine if not is_finished(i)]
+    print(f"{label}: process {process_index}/{process_count}: {len(mine)} prompts, {len(mine) - len(todo)} already "
           f"finished, {len(todo)} to generate")
-    log_path = os.path.join(out, LOG_DIR, f"process_{process_index}.jsonl")
+    log_path = os.path.join(out, log_dir, f"process_{process_index}.jsonl")
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
     if progress:
         from tqdm import tqdm
-        batches = tqdm(batches, desc=f"geneval[{process_index}]", unit="batch")
+        batches = tqdm(batches, desc=f"{label}[{process_index}]", unit="batch")
     done = []
+    k = images_per_prompt
     for batch in batches:
-        # a short last batch is padded (repeating its last prompt) so that every call has one static shape
         padded = batch + [batch[-1]] * (batch_size - len(batch))
-        images = np.asarray(generate_fn([prompts[i][1]["prompt"] for i in padded], num_images, seed))
+        images = np.asarray(generate(padded))
         for j, index in enumerate(batch):
-            write_prompt(out, index, prompts[index][0], images[j * num_images:(j + 1) * num_images], grid=grid)
+            write(index, images[j * k:(j + 1) * k])
             with open(log_path, "a") as fh:
-                fh.write(json.dumps({"index": index, "time": time.time()}) + "\n")
+                fh.write(json.dumps({"index": index, **log_fields(index), "time": time.time()}) + "\n")
             done.append(index)
     return done
+
+
+def run_geneval(generate_fn: GenerateFn, prompts: Sequence[tuple[str, dict]], out: str, *, num_images: int,
+                batch_size: int, seed: int, process_index: int = 0, process_count: int = 1, grid: bool = True,
+                progress: bool = True) -> list[int]:
+    """Generate this host's unfinished prompts; returns the indices generated now."""
+    return generate_assigned(
+        "geneval", len(prompts), out, is_finished=lambda i: is_finished(out, i, num_images),
+        generate=lambda idx: generate_fn([prompts[i][1]["prompt"] for i in idx], num_images, seed),
+        write=lambda i, images: write_prompt(out, i, prompts[i][0], images, grid=grid),
+        images_per_prompt=num_images, batch_size=batch_size, process_index=process_index,
+        process_count=process_count, progress=progress)
 
 
 def missing_prompts(out: str, num_prompts: int, num_images: int) -> list[int]:

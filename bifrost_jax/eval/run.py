@@ -1,13 +1,18 @@
-"""``bifrost eval geneval | reconstruction | shapes``: sharded evaluation of a Bifrost-1 pipeline.
+"""``bifrost eval geneval | dpg | reconstruction | shapes | understanding``: sharded evaluation of a Bifrost-1 pipeline
+(``understanding``: of its understanding model, ``eval/understanding.py``).
 
 Every mode builds the pipeline on each host from a trained workdir (``--checkpoint WORKDIR``: the configs its
-phases recorded) or a generation config (``--config CFG``; its ``config.mesh`` spans that host's local devices) and splits the work over hosts (``jax.process_index/count``);
+phases recorded) or a generation config (``--config CFG``; its ``config.mesh`` spans that host's local devices)
+and splits the work over hosts (``jax.process_index/count``);
 multi-host runs start ``jax.distributed`` from the environment as ``bifrost train`` does (BIFROST_COORDINATOR, ...;
 see ``launch/local_multiprocess.py``). The only cross-host communication is the final all-reduce of the metric sums
 (and a barrier), so hosts never wait on each other while generating.
 
     bifrost eval geneval (--checkpoint WORKDIR | --config CFG) --prompts evaluation_metadata.jsonl --out DIR
         [--num-images 4] [--batch-size 4] [--limit N] [--seed S]
+    bifrost eval dpg (--checkpoint WORKDIR | --config CFG) --prompts DPG_PROMPTS_DIR --out DIR [--batch-size 4]
+        [--limit N] [--seed S]          (eval/dpg.py: <name>.png 2x2 grids without padding)
+    bifrost eval understanding --checkpoint CKPT --data BENCH.tsv [--data ...] --out DIR   (its own --help)
     bifrost eval reconstruction (--checkpoint WORKDIR | --config CFG) --dataset shapes|folder --data-dir DIR
         [--split validation] [--limit N] [--batch-size 4] [--use-captions] [--inception WEIGHTS] --out DIR
     bifrost eval shapes (--checkpoint WORKDIR | --config CFG) --out DIR [--num-prompts 200] [--num-images 4]
@@ -30,16 +35,16 @@ import numpy as np
 
 from bifrost_jax.data.pipeline import make_eval_iterator
 from bifrost_jax.data.shapes import HELD_OUT_PAIRS, SceneSpec, ShapesOptions, load_shapes, make_example
-from bifrost_jax.eval.geneval import missing_prompts, read_prompts, run_geneval
+from bifrost_jax.eval import dpg, understanding
+from bifrost_jax.eval.geneval import barrier, missing_prompts, read_prompts, run_geneval
 from bifrost_jax.eval.reconstruction import (all_reduce_sum, evaluate_reconstruction, folder_source,
                                              inception_feature_fn, make_preprocess)
 from bifrost_jax.parallel.mesh import maybe_initialize_distributed
 from bifrost_jax.sample.images import save_png
 from bifrost_jax.train.export import load_pipeline
-
 from bifrost_jax.eval.shapes_checker import (ATTRIBUTES, CheckerConfig, ShapesReport, chance_levels, check_image)
 
-MODES = ("geneval", "reconstruction", "shapes")
+MODES = ("geneval", "dpg", "reconstruction", "shapes", "understanding")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -105,6 +110,9 @@ def _parser(mode: str) -> argparse.ArgumentParser:
         p.add_argument("--num-images", type=int, default=None, help="samples per prompt (default: config)")
         p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
         p.add_argument("--no-grid", action="store_true", help="do not write grid.png per prompt")
+    elif mode == "dpg":
+        p.add_argument("--prompts", required=True, help="folder of DPG-Bench <name>.txt prompt files")
+        p.add_argument("--limit", type=int, default=None, help="only the first N prompts (by name)")
     elif mode == "reconstruction":
         p.add_argument("--dataset", choices=("shapes", "folder"), default="shapes")
         p.add_argument("--data-dir", required=True, help="TFDS data_dir (shapes) or a directory of images (folder)")
@@ -144,12 +152,6 @@ class _Limited:
         return self.source[i]
 
 
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(name)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in MODES:
@@ -159,14 +161,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
         return 0
     mode = argv[0]
+    if mode == "understanding":  # no image pipeline: its own flags
+        return understanding.main(argv[1:])
     args, rest = _parser(mode).parse_known_args(argv[1:])
     if mode == "reconstruction" and args.inception and not os.path.exists(args.inception):
         raise SystemExit(f"bifrost eval reconstruction: --inception {args.inception}: no such file (pytorch-fid's "
                          "pt_inception-2015-12-05-6726825d.pth, or a .safetensors with the same keys)")
 
     maybe_initialize_distributed()
-
-
     pipe, _ = load_pipeline(rest, args.checkpoint)
     seed = pipe.options.seed if args.seed is None else args.seed
     pi, pc = jax.process_index(), jax.process_count()
@@ -180,13 +182,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         done = run_geneval(generate, prompts, args.out, num_images=k, batch_size=args.batch_size, seed=seed,
                            process_index=pi, process_count=pc, grid=not args.no_grid)
         print(f"geneval: process {pi} generated {len(done)} prompts")
-        _barrier("bifrost_eval_geneval_done")
+        barrier("bifrost_eval_geneval_done")
         missing = missing_prompts(args.out, len(prompts), k)
         if missing:
             print(f"geneval: {len(missing)} prompts unfinished: {missing[:20]}", file=sys.stderr)
             return 1
         if pi == 0:
             print(f"geneval: all {len(prompts)} prompts x {k} images in {args.out}")
+        return 0
+
+    if mode == "dpg":
+        prompts = dpg.read_prompts(args.prompts, args.limit)
+        dpg.run_dpg(generate, prompts, args.out, seed=seed, batch_size=args.batch_size, process_index=pi,
+                process_count=pc)
+        barrier("bifrost_eval_dpg_done")
+        missing = dpg.missing_prompts(args.out, prompts)
+        if missing:
+            print(f"dpg: {len(missing)} prompts unfinished: {missing[:20]}", file=sys.stderr)
+            return 1
         return 0
 
     if mode == "reconstruction":

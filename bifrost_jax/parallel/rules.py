@@ -48,6 +48,19 @@ def logical_to_mesh_spec(logical: Sequence[str | None] | None, rules=LOGICAL_AXI
     return nn.logical_to_mesh_axes(tuple(logical), rules)
 
 
+def batch_shards(mesh: Mesh | None, rules=LOGICAL_AXIS_RULES) -> int:
+    """Into how many parts the logical "batch" axis splits over ``mesh`` (1 without a mesh): batches are padded to a
+    multiple of it."""
+    if mesh is None:
+        return 1
+    spec = logical_to_mesh_spec(("batch",), rules)[0]
+    axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
+    size = 1
+    for a in axes:
+        size *= mesh.shape[a]
+    return size
+
+
 def tree_shardings(logical_specs, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
     """NamedShardings for a tree of logical PartitionSpecs (from ``nn.get_partition_spec``)."""
     mesh_specs = nn.logical_to_mesh(logical_specs, rules)

@@ -51,7 +51,7 @@ from bifrost_jax.models.flux.controlnet import LatentControlNet
 from bifrost_jax.models.flux.transformer import FluxTransformer2DModel
 from bifrost_jax.models.flux.vae import AutoencoderKL, latent_image_ids, unpack_latents
 from bifrost_jax.models.qwen.vision import QwenVisionTransformer
-from bifrost_jax.parallel.rules import axis_rules, logical_to_mesh_spec
+from bifrost_jax.parallel.rules import axis_rules, batch_shards, logical_to_mesh_spec
 from bifrost_jax.sample.flow import euler_sample, flux_sigmas
 from bifrost_jax.sample.images import fit_images
 from bifrost_jax.sample.mar import mar_decode
@@ -261,11 +261,7 @@ class BifrostPipeline:
 
     # -- sharding ------------------------------------------------------------------------------------------------
     def _batch_shards(self) -> int:
-        if self.mesh is None:
-            return 1
-        axes = logical_to_mesh_spec(("batch",))[0]
-        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        return int(np.prod([self.mesh.shape[a] for a in axes])) if axes else 1
+        return batch_shards(self.mesh)
 
     def _put(self, x):
         """Shard the leading axis of ``x`` on "batch" (rows are padded to a multiple of the shards beforehand)."""

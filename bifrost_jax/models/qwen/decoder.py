@@ -258,22 +258,29 @@ def pre_norm_block(x, cos, sin, mask, *, attn: QwenAttentionProjections, input_l
 
 class QwenDecoderLayer(nn.Module):
     """One pre-norm block. ``__call__(hidden_states, cos, sin, mask)``; with ``scan_carry`` it returns
-    ``(hidden_states, None)`` as ``nn.scan`` wants."""
+    ``(hidden_states, None)`` as ``nn.scan`` wants.
+
+    With ``kv_cache`` (text decoding, ``sample/text.py``) it takes ``past_kv`` = (k, v) (B, S, K, D) of earlier
+    tokens (S may be 0), attends over [past ; own] with ``mask`` (B, 1, L, S + L), and always returns
+    ``(hidden_states, (k, v))``: the layer's own keys/values after RoPE, for the caller to write into its cache."""
     config: QwenTextConfig
     dtype: Dtype = jnp.bfloat16
     param_dtype: Dtype = jnp.float32
     scan_carry: bool = False
+    kv_cache: bool = False
 
     @nn.compact
-    def __call__(self, hidden_states, cos, sin, mask):
+    def __call__(self, hidden_states, cos, sin, mask, past_kv=None):
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x, _ = pre_norm_block(
+        x, kv = pre_norm_block(
             hidden_states, cos, sin, mask,
             attn=QwenAttentionProjections(c, name="self_attn", **kw),
             input_layernorm=RMSNorm(c.rms_norm_eps, name="input_layernorm", **kw),
             post_attention_layernorm=RMSNorm(c.rms_norm_eps, name="post_attention_layernorm", **kw),
-            mlp=QwenMLP(c, name="mlp", **kw))
+            mlp=QwenMLP(c, name="mlp", **kw), past_kv=past_kv)
+        if self.kv_cache:
+            return x, kv
         return (x, None) if self.scan_carry else x
 
 
@@ -288,18 +295,21 @@ class QwenLanguageModel(nn.Module):
     param_dtype: Dtype = jnp.float32
     scan_layers: bool = False
     remat_policy: str = "none"
+    kv_cache: bool = False  # build the layers for ``forward_cached`` (same parameters; ``module.clone(kv_cache=True)``)
 
     def setup(self):
         c = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.embed_tokens = Embed(c.vocab_size, c.hidden_size, **kw)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kv_cache=self.kv_cache)
+        self.embed_tokens = Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype)
         if self.scan_layers:
-            stack = scanned(QwenDecoderLayer, c.num_hidden_layers, remat=self.remat_policy)
+            # with a cache, each layer's past K/V is scanned over (axis 0 of the stacked cache)
+            in_axes = (nn.broadcast, nn.broadcast, nn.broadcast, 0) if self.kv_cache else nn.broadcast
+            stack = scanned(QwenDecoderLayer, c.num_hidden_layers, in_axes=in_axes, remat=self.remat_policy)
             self.layers = stack(c, scan_carry=True, **kw)
         else:
             block = maybe_remat(QwenDecoderLayer, self.remat_policy)
             self.layers = [block(c, **kw) for _ in range(c.num_hidden_layers)]  # named layers_0, layers_1, ...
-        self.norm = RMSNorm(c.rms_norm_eps, **kw)
+        self.norm = RMSNorm(c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
 
     def embed(self, input_ids):
         return self.embed_tokens(input_ids)
@@ -317,9 +327,32 @@ class QwenLanguageModel(nn.Module):
                                  self.config.mrope_section)
         mask = causal_padding_mask(attention_mask)
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+        if self.kv_cache:
+            raise ValueError("QwenLanguageModel(kv_cache=True): call forward_cached")
         if self.scan_layers:
             x, _ = self.layers(x, cos, sin, mask)
         else:
             for layer in self.layers:
                 x = layer(x, cos, sin, mask)
         return self.norm(x)
+
+    def forward_cached(self, inputs_embeds, position_ids, mask, past_k, past_v):
+        """L new tokens after S cached ones: ``inputs_embeds`` (B, L, E), ``position_ids`` (3, B, L), ``mask``
+        boolean (B, 1, L, S + L) over [cache ; new] keys, ``past_k`` / ``past_v`` (layers, B, S, K, D) (S may be
+        0). Returns (final-normed hidden (B, L, E), (k, v) (layers, B, L, K, D) of the new tokens after RoPE).
+        Needs ``kv_cache=True``; the same parameters as ``__call__``."""
+        if not self.kv_cache:
+            raise ValueError("QwenLanguageModel.forward_cached needs kv_cache=True (module.clone(kv_cache=True))")
+        c = self.config
+        cos, sin = mrope_cos_sin(position_ids, c.head_dim, c.rope_theta, c.mrope_section)
+        x = nn.with_logical_constraint(inputs_embeds.astype(self.dtype), ("batch", "length", "act_embed"))
+        if self.scan_layers:
+            x, (k, v) = self.layers(x, cos, sin, mask, (past_k, past_v))
+        else:
+            ks, vs = [], []
+            for i, layer in enumerate(self.layers):
+                x, (k_i, v_i) = layer(x, cos, sin, mask, (past_k[i], past_v[i]))
+                ks.append(k_i)
+                vs.append(v_i)
+            k, v = jnp.stack(ks), jnp.stack(vs)
+        return self.norm(x), (k, v)

@@ -104,6 +104,50 @@ def get_rope_index(input_ids, image_token_id: int, grid_hw: tuple[int, int], att
     return jnp.where(valid[None], pos, 0).astype(jnp.int32)
 
 
+def rope_index_per_image(input_ids, attention_mask, image_token_id: int, image_grids_hw):
+    """Host-side (NumPy) M-RoPE positions (3, B, L) int32 and ``rope_deltas`` (B,) for prompts whose images have
+    DIFFERENT merged grids: ``image_grids_hw`` lists (rows, cols) per image in order of appearance over the batch
+    (row-major, as ``image_grid_thw`` in transformers). transformers' ``get_rope_index`` for images: text counts
+    on from the previous position; an image at start s takes (s, s + row, s + col) and the text after it resumes
+    at s + max(rows, cols); pads get 0. ``rope_deltas[b]`` = max position + 1 - real length: a token generated at
+    step j (0-based) then sits at ``real_length + rope_deltas + j`` on all three axes (``position of the last
+    prompt token + 1 + j``)."""
+    ids = np.asarray(input_ids)
+    mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    grids = iter([tuple(int(v) for v in g) for g in image_grids_hw])
+    pos = np.zeros((3,) + ids.shape, np.int64)
+    deltas = np.zeros(ids.shape[0], np.int64)
+    for b in range(ids.shape[0]):
+        real = ids[b][mask[b]]
+        out = np.zeros((3, len(real)), np.int64)
+        i, current = 0, 0
+        while i < len(real):
+            if real[i] != image_token_id:
+                out[:, i] = current
+                current += 1
+                i += 1
+                continue
+            try:
+                rows, cols = next(grids)
+            except StopIteration:
+                raise ValueError("rope_index_per_image: more images in input_ids than grids given") from None
+            n = rows * cols
+            if not (real[i:i + n] == image_token_id).all():
+                raise ValueError(f"rope_index_per_image: row {b}: an image of grid {rows}x{cols} needs {n} "
+                                 "consecutive image tokens")
+            r, c = np.divmod(np.arange(n), cols)
+            out[0, i:i + n] = current
+            out[1, i:i + n] = current + r
+            out[2, i:i + n] = current + c
+            current += max(rows, cols)
+            i += n
+        pos[:, b, mask[b]] = out
+        deltas[b] = (out.max() + 1 if len(real) else 0) - len(real)
+    if next(grids, None) is not None:
+        raise ValueError("rope_index_per_image: more grids given than images in input_ids")
+    return pos.astype(np.int32), deltas
+
+
 def scatter_image_features(inputs_embeds, input_ids, image_token_id: int, image_features):
     """Replace the ``image_token_id`` embeddings by ``image_features`` (N, tokens, E), in order of appearance over
     the flattened (batch, position) axis (PyTorch ``masked_scatter``)."""
@@ -134,13 +178,14 @@ class QwenVLForConditionalGeneration(nn.Module):
     scan_layers: bool = False
     remat_policy: str = "none"
     attention_impl: Optional[str] = None
+    kv_cache: bool = False  # the language model's layers for ``forward_cached`` (text decoding, same parameters)
 
     def setup(self):
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, scan_layers=self.scan_layers,
                   remat_policy=self.remat_policy)
         self.visual = QwenVisionTransformer(cfg.vision, attention_impl=self.attention_impl, **kw)
-        self.language_model = QwenLanguageModel(cfg.text, **kw)
+        self.language_model = QwenLanguageModel(cfg.text, kv_cache=self.kv_cache, **kw)
         if not cfg.tie_word_embeddings:
             self.lm_head = Dense(cfg.text.vocab_size, use_bias=False, kernel_axes=("embed", "vocab"),
                                  dtype=self.dtype, param_dtype=self.param_dtype)
@@ -165,6 +210,19 @@ class QwenVLForConditionalGeneration(nn.Module):
             table = nn.meta.unbox(self.language_model.embed_tokens.variables["params"]["embedding"])
             return jnp.dot(hidden_states, table.astype(self.dtype).T)
         return self.lm_head(hidden_states)
+
+    def embed_inputs(self, input_ids, image_features=None):
+        """Token embeddings with ``image_features`` (N, tokens, E) or (tokens, E) in the image-pad slots."""
+        embeds = self.language_model.embed(input_ids)
+        if image_features is not None:
+            embeds = scatter_image_features(embeds, input_ids, self.config.image_token_id, image_features)
+        return embeds
+
+    def forward_cached(self, inputs_embeds, position_ids, mask, past_k, past_v):
+        """``QwenLanguageModel.forward_cached`` and the LM head on the LAST position only (what decoding needs):
+        (logits (B, vocab), (k, v) (layers, B, L, K, D))."""
+        hidden, kv = self.language_model.forward_cached(inputs_embeds, position_ids, mask, past_k, past_v)
+        return self.logits(hidden[:, -1]), kv
 
     def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, position_ids=None):
         embeds = self.language_model.embed(input_ids)
