@@ -205,6 +205,44 @@ def test_reconstruction_eval_on_a_folder(tmp_path):
     assert result["ssim"] == pytest.approx(reconstruction.ssim(recon, target).mean(), abs=2e-4)
 
 
+def test_reconstruction_eval_on_shapes_with_options(tmp_path):
+    """``--dataset shapes`` with its options: the split, the build options, ``--limit``, ``--use-captions`` (the
+    captions reach FLUX's text encoders) and ``--seed``; the metrics are those of the written-out reconstruction of
+    the first images of that split (as built under --data-dir) with those captions and that seed."""
+    from bifrost_jax.configs import load_config_file
+    from bifrost_jax.data.shapes import ShapesOptions, load_shapes
+    from bifrost_jax.sample.pipeline import build_pipeline
+
+    opts = dict(resolution=64, train_size=4, validation_size=4, test_size=5, seed=3)
+    out = tmp_path / "out"
+    code = run.main(["reconstruction", "--config", TINY, "--dataset", "shapes", "--data-dir", str(tmp_path / "tfds"),
+                     "--split", "test", "--shapes-options", json.dumps(opts), "--limit", "3", "--batch-size", "2",
+                     "--use-captions", "--seed", "7", "--out", str(out)])
+    assert code == 0
+    result = json.loads((out / "reconstruction.json").read_text())
+    assert result["num_images"] == 3 and result["dataset"] == "shapes" and result["split"] == "test"
+    assert result["seed"] == 7
+    pipe = build_pipeline(load_config_file(TINY))
+    o = pipe.options
+    prep = reconstruction.make_preprocess(pipe.vision_size, pipe.image_size)
+    source = load_shapes(str(tmp_path / "tfds"), "test", ShapesOptions(**opts))  # the build the command made
+    assert len(source) == 5
+    items = [prep(source[i], None) for i in range(3)]
+    vit = np.stack([it["vit_pixels"] for it in items])
+    target = np.stack([it["target"] for it in items])
+    captions = [it["caption"] for it in items]
+    assert all(captions)
+
+    def metrics(prompts):
+        recon = reference_reconstruct(pipe, vit, seed=7, indices=range(3), steps=o.flux_steps, guidance=o.guidance,
+                                      scale=o.conditioning_scale, prompts=prompts)
+        return reconstruction.psnr(recon, target).mean(), reconstruction.ssim(recon, target).mean()
+    want_psnr, want_ssim = metrics(captions)
+    assert result["psnr"] == pytest.approx(want_psnr, abs=1e-3)
+    assert result["ssim"] == pytest.approx(want_ssim, abs=2e-4)
+    assert abs(metrics(None)[0] - want_psnr) > 1e-2  # without the captions the figure would differ
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # shapes
 
