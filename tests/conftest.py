@@ -28,6 +28,15 @@ def max_rel_err(actual, expected) -> float:
     return float(np.max(np.abs(a - e)) / max(np.max(np.abs(e)), 1e-30))
 
 
+def rel_rms(actual, expected) -> float:
+    """||a - e|| / ||e|| over every element: the metric for bf16 error budgets, where one rounding more or less
+    shows as a ratio (a maximum over elements is dominated by one unlucky element)."""
+    a = np.asarray(actual, dtype=np.float64)
+    e = np.asarray(expected, dtype=np.float64)
+    assert a.shape == e.shape, f"shape {a.shape} != reference {e.shape}"
+    return float(np.sqrt(np.mean((a - e) ** 2) / max(np.mean(e ** 2), 1e-60)))
+
+
 def write_sharded_checkpoint(path, tensors, n_shards=2):
     """``tensors`` as HF-sharded safetensors with an index (the official Bifrost-1 checkpoint's layout)."""
     import json

@@ -477,12 +477,7 @@ def test_tpu_v6e_step_time_with_cost_model_sentinel():
 @needs_libtpu
 def test_tpu_toy_train_step_and_multislice(capsys):
     cfg = os.path.join(ROOT, "configs/toy.py")
-    try:
-        rc = aot.main(["--config", cfg, "--topology", "v5p:2x2x1"])
-    except AttributeError as e:
-        if "local_devices" in str(e):
-            pytest.xfail("train/state.py StateBuilder creates jax.random.PRNGKey inside jax.set_mesh(topology mesh)")
-        raise
+    rc = aot.main(["--config", cfg, "--topology", "v5p:2x2x1"])
     text = capsys.readouterr().out
     assert rc == 0 and "TPU v5" in text and "FITS" in text
     rc = aot.main(["--config", cfg, "--topology", "v5p:2x2x1", "--num-slices", "2",

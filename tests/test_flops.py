@@ -128,11 +128,12 @@ def test_logged_mfu_is_flops_over_time_and_peak(tmp_path, monkeypatch):
     clock = iter([100.0, 100.0, 103.0])  # logger start, restart_clock, log: 2 steps in 3 s
     monkeypatch.setattr(tlog.time, "perf_counter", lambda: next(clock))
     logger = tlog.MetricsLogger(str(tmp_path), total_steps=2, initial_step=0, examples_per_step=8,
-                                tokens_per_example=1, flops=sf, progress_bar=False, tensorboard=False)
+                                tokens_per_example=5, flops=sf, progress_bar=False, tensorboard=False)
     logger.restart_clock(0)
     values = logger.log(2, {"loss": jnp.float32(1.0)})
     logger.close()
     assert values["step_time_s"] == pytest.approx(1.5)
+    assert values["examples_per_s"] == pytest.approx(8 / 1.5) and values["tokens_per_s"] == pytest.approx(5 * 8 / 1.5)
     assert values["mfu"] == pytest.approx(1.2e12 / (1.5 * 4 * 0.5e12))
     assert values["model_flops_per_step"] == 1.3e12 and values["analytic_flops_per_step"] == 1.2e12
     assert values["tflops_per_s_per_device"] == pytest.approx(1.3e12 / 4 / 1.5 / 1e12)
@@ -149,23 +150,34 @@ def test_logged_mfu_is_flops_over_time_and_peak(tmp_path, monkeypatch):
 
 
 def test_train_loop_logs_flops_and_mfu(tmp_path, monkeypatch):
-    """The real loop on the toy phase: model/analytic FLOPs and mfu on every log line, a config peak."""
+    """The real loop on the toy phase under a faked clock (every reading 0.25 s after the last, so each logged step
+    takes exactly 0.25 s): examples/s, tokens/s (the phase's tokens per example), TFLOP/s per device and mfu are
+    exact on every log line; model/analytic FLOPs logged; a config peak."""
     from bifrost_jax.train.loop import train
 
     monkeypatch.delenv(tlog.PEAK_ENV, raising=False)
     config = load_config_file(os.path.join(ROOT, "configs", "toy.py"),
                               ["train.steps=2", "train.log_every=1", "checkpoint.async_save=False",
                                "train.tensorboard=False", "train.peak_tflops_per_device=0.001"])
+    phase = get_phase(config)
+    monkeypatch.setattr(type(phase), "tokens_per_example", lambda self: 7)
+    ticks = iter(np.arange(1, 1000) * 0.25)
+    monkeypatch.setattr(tlog, "time", type("FakeClock", (), {"perf_counter": staticmethod(lambda: next(ticks))}))
     result = train(config, str(tmp_path), progress_bar=False)
     lines = [json.loads(x) for x in (tmp_path / "toy" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2]
     devices = 8  # conftest: 8 simulated CPU devices, mesh data=2 fsdp=2 tensor=2
-    phase = get_phase(config)
     analytic = phase.analytic_flops(config.train.batch_size).total
+    batch = config.train.batch_size
     for x in lines:
+        assert x["step_time_s"] == 0.25
+        assert x["examples_per_s"] == pytest.approx(batch / 0.25, rel=1e-12)
+        assert x["tokens_per_s"] == pytest.approx(7 * batch / 0.25, rel=1e-12)
         assert x["analytic_flops_per_step"] == pytest.approx(analytic)
         assert x["model_flops_per_step"] > 0
-        assert x["mfu"] == pytest.approx(analytic / (x["step_time_s"] * devices * 1e9), rel=1e-6)
+        assert x["tflops_per_s_per_device"] == pytest.approx(x["model_flops_per_step"] / devices / 0.25 / 1e12,
+                                                             rel=1e-12)
+        assert x["mfu"] == pytest.approx(analytic / (0.25 * devices * 1e9), rel=1e-12)
     assert result.last_metrics["mfu"] == pytest.approx(lines[-1]["mfu"])
 
 

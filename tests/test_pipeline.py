@@ -2,7 +2,6 @@
 seeding, the once-per-image ControlNet condition, the FLUX sampler against a plain reference loop, MLLM CFG
 handling, sharding, reconstruction and ``bifrost generate``."""
 import json
-import math
 import os
 
 import jax
@@ -11,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import max_rel_err
+from reference_loops import reference_flux_loop, reference_reconstruct, reference_sigmas
 from PIL import Image
 
 import bifrost_jax.sample.build as B
@@ -140,14 +140,6 @@ def test_controlnet_condition_computed_once(pipe, generated):
     assert _count(jaxpr, "conv_general_dilated") == _count(cond_jaxpr, "conv_general_dilated")
 
 
-def _reference_sigmas(steps, seq_len):
-    """FLUX.1-dev's schedule written out: linspace(1, 1/n, n), exponential shift with mu linear in seq_len."""
-    mu = 0.5 + (1.15 - 0.5) / (4096 - 256) * (seq_len - 256)
-    s = np.linspace(1.0, 1.0 / steps, steps)
-    s = math.exp(mu) / (math.exp(mu) + (1.0 / s - 1.0))
-    return list(s) + [0.0]
-
-
 def test_flux_sampling_equals_reference_loop(pipe, generated):
     """The pipeline's sampler == a diffusers-style Python loop that recomputes the ControlNet condition (upsampler
     and all) from the raw CLIP latents at every step."""
@@ -156,23 +148,8 @@ def test_flux_sampling_equals_reference_loop(pipe, generated):
     got = pipe.sample_flux(latents, embeds, pooled, noise, flux_steps=steps, guidance=guidance,
                            conditioning_scale=scale)
     h, w = pipe.packed_grid
-    img_ids, txt_ids = latent_image_ids(h, w), jnp.zeros((embeds.shape[1], 3))
-    b = latents.shape[0]
-    cn = jax.jit(lambda x, t: pipe.controlnet.apply(
-        pipe.controlnet_variables, x, controlnet_cond=latents, conditioning_scale=scale,
-        encoder_hidden_states=embeds, pooled_projections=pooled, timestep=t, img_ids=img_ids, txt_ids=txt_ids,
-        guidance=jnp.full((b,), guidance)))
-    tr = jax.jit(lambda x, t, blocks, singles: pipe.transformer.apply(
-        pipe.transformer_variables, x, embeds, pooled, t, img_ids, txt_ids, guidance=jnp.full((b,), guidance),
-        controlnet_block_samples=blocks, controlnet_single_block_samples=singles))
-    sigmas = _reference_sigmas(steps, h * w)
-    np.testing.assert_allclose(pipe.sigmas(steps), sigmas, rtol=1e-6)
-    x = np.asarray(noise, np.float32)
-    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-        t = jnp.full((b,), s, jnp.float32)
-        blocks, singles = cn(x, t)
-        v = np.asarray(tr(x, t, blocks, singles), np.float32)
-        x = x + (s_next - s) * v
+    np.testing.assert_allclose(pipe.sigmas(steps), reference_sigmas(steps, h * w), rtol=1e-6)
+    x = reference_flux_loop(pipe, latents, embeds, pooled, noise, steps=steps, guidance=guidance, scale=scale)
     err = max_rel_err(got, x)
     assert err <= 1e-4, err
     # the ControlNet residuals matter: scale 0 gives another result
@@ -212,7 +189,7 @@ def test_sharded_equals_unsharded(pipe, generated):
     assert np.abs(images.astype(int) - generated[0]).max() <= 1
 
 
-def test_reconstruct(pipe, generated):
+def test_reconstruct(pipe):
     rng = np.random.default_rng(0)
     real = rng.integers(0, 256, (4, 70, 90, 3), dtype=np.uint8)  # any size: centre-cropped and resized
     out = pipe.reconstruct(real, indices=[0, 1, 2, 3])
@@ -221,10 +198,38 @@ def test_reconstruct(pipe, generated):
     # image i's noise comes from its index, so the order of a batch does not matter
     flipped = pipe.reconstruct(real[::-1], indices=[3, 2, 1, 0])
     assert np.abs(flipped[::-1].astype(int) - out).max() <= 1
-    # the output depends on the input image (through the ViT latents and the ControlNet)
     lat = np.asarray(pipe.clip_latents_of(real))
     assert lat.shape == (4, 24, 32) and max_rel_err(lat[0], lat[1]) > 1e-3
     assert I.fit_images(real, pipe.vision_size).shape == (4, 112, 168, 3)
+
+
+@pytest.fixture(scope="module")
+def vit_views():
+    """Two smooth, clearly different images at the ViT view size (resizing is not part of what is compared), as a
+    batch of 4 (a, b, b, a): the shapes test_reconstruct compiled."""
+    h, w = 112, 168
+    yy, xx = np.mgrid[0:h, 0:w] / np.array([h, w])[:, None, None]
+    a = np.stack([255 * xx, 255 * yy, 128 + 0 * xx], -1)
+    b = np.stack([255 * (1 - yy), 60 + 0 * xx, 255 * xx * yy], -1)
+    return np.round(np.stack([a, b, b, a])).astype(np.uint8)
+
+
+def test_reconstruct_equals_reference_loop_and_depends_on_the_image(pipe, vit_views):
+    """Reconstruction == the written-out ViT -> ControlNet + FLUX Euler loop -> VAE decode; the image reaches the
+    output: two images with the SAME noise (same index) give different reconstructions, and so does ControlNet
+    scale 0."""
+    o = pipe.options
+    assert pipe.vision_size == vit_views.shape[1:3]
+    same = [5, 5, 5, 5]
+    got = pipe.reconstruct(vit_views, seed=3, indices=same)
+    want = reference_reconstruct(pipe, vit_views, seed=3, indices=same, steps=o.flux_steps, guidance=o.guidance,
+                                 scale=o.conditioning_scale)
+    assert np.abs(got.astype(int) - want).max() <= 1
+    assert np.abs(got[0].astype(int) - got[3]).max() <= 1  # same image, same noise
+    assert np.abs(got[0].astype(int) - got[1]).mean() > 2.0  # same noise, different image
+    plain = pipe.reconstruct(vit_views, seed=3, indices=same, conditioning_scale=0.0)
+    assert np.abs(plain[0].astype(int) - plain[1]).max() <= 1  # without the ControlNet the image has no say
+    assert np.abs(plain.astype(int) - got).mean() > 2.0
 
 
 def test_main_writes_pngs_grid_and_config(tmp_path):

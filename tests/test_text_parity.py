@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import max_rel_err
+from conftest import max_rel_err, rel_rms
 from transformers import CLIPTextConfig as HFCLIPTextConfig
 from transformers import CLIPTextModel as HFCLIPTextModel
 from transformers import T5Config as HFT5Config
@@ -287,7 +287,8 @@ def test_sharded_load_and_forward(t5_ref, tmp_path):
 
 def test_bfloat16_no_worse_than_transformers_bf16(t5_ref, tmp_path):
     """bf16 parameters and compute (the FLUX inference setting): the error against the fp32 reference is of the
-    size transformers' own bf16 run has (these random tiny models are rounding-sensitive: several percent)."""
+    size transformers' own bf16 run has (these random tiny models are rounding-sensitive: several percent), with no
+    absolute allowance. Per-layer bf16 roundings are pinned in test_bf16_numerics.py."""
     import copy
 
     def torch_bf16(model, ids, mask):
@@ -300,16 +301,20 @@ def test_bfloat16_no_worse_than_transformers_bf16(t5_ref, tmp_path):
     module, variables = port.load("t5-encoder", path, dtype=jnp.bfloat16)
     out = _run(module, variables, ids, mask)
     assert out.dtype == jnp.bfloat16
-    err = max_rel_err(np.asarray(out, np.float32), expected)
-    torch_err = max_rel_err(torch_bf16(model, ids, mask).last_hidden_state.float().numpy(), expected)
-    print(f"t5 bf16 vs fp32 reference: ours {err:.2e}, transformers bf16 {torch_err:.2e}")
-    assert err <= 1.5 * torch_err + 1e-2
+    err = rel_rms(np.asarray(out, np.float32), expected)
+    torch_err = rel_rms(torch_bf16(model, ids, mask).last_hidden_state.float().numpy(), expected)
+    print(f"t5 bf16 vs fp32 reference (relative RMS): ours {err:.2e}, transformers bf16 {torch_err:.2e}")
+    assert 0 < err <= 1.5 * torch_err
 
     model, clip_path, cids, cmask, last, pooled = _clip_ref(tmp_path, 2, seed=12)
     cmodule, cvars = port.load("clip-text", clip_path, dtype=jnp.bfloat16)
     c_last, c_pooled = _run(cmodule, cvars, cids, cmask)
     assert c_last.dtype == c_pooled.dtype == jnp.bfloat16
-    err = max_rel_err(np.asarray(c_pooled, np.float32), pooled)
-    torch_err = max_rel_err(torch_bf16(model, cids, cmask).pooler_output.float().numpy(), pooled)
-    print(f"clip bf16 pooled vs fp32 reference: ours {err:.2e}, transformers bf16 {torch_err:.2e}")
-    assert err <= 1.5 * torch_err + 1e-2
+    ref16 = torch_bf16(model, cids, cmask)
+    for name, got, want, want16 in (("last_hidden_state", c_last, last, ref16.last_hidden_state),
+                                    ("pooled", c_pooled, pooled, ref16.pooler_output)):
+        err, torch_err = rel_rms(np.asarray(got, np.float32), want), rel_rms(want16.float().numpy(), want)
+        print(f"clip bf16 {name} vs fp32 reference (relative RMS): ours {err:.2e}, transformers bf16 "
+              f"{torch_err:.2e}")
+        # the pooled output is 2 rows of 32: its ratio varies more with the draw than the 2 x 16 x 32 states'
+        assert 0 < err <= (1.5 if name == "last_hidden_state" else 2.0) * torch_err
