@@ -26,9 +26,9 @@ def _tiny_config(mesh):
     analytic count leaves remat recomputation out: with "full" the program recomputes each block's forward)."""
     config = load_config_file(os.path.join(ROOT, "configs", "flux_aot.py"),
                               ["train.batch_size=4", "data.image_size=32", "data.max_text_length=8",
-                               "model.remat_policy=none"])
+                               "flux.remat_policy=none"])
     assert config.phase == "flux-forward"
-    config.model.flux = ml_collections.ConfigDict(TINY_FLUX)
+    config.flux.config = ml_collections.ConfigDict(TINY_FLUX)
     config.mesh.update(mesh)
     return config
 

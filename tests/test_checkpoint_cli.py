@@ -1,7 +1,8 @@
-"""``--checkpoint WORKDIR`` of ``bifrost generate`` and ``bifrost eval``: a phase checkpoint written by the training
-checkpointer (``train.checkpoint.save_state``: params + BatchNorm statistics, optimizer state, config) replaces the
-configured ControlNet; the command's images equal those of the pipeline built in Python from the same WORKDIR, and
-differ from the random weights' images."""
+"""A training checkpoint named by a generation config (``config.controlnet.init_from``) through ``bifrost generate``
+and ``bifrost eval``: a phase checkpoint written by the training checkpointer (``train.checkpoint.save_state``:
+params + BatchNorm statistics, optimizer state, config) replaces the configured ControlNet; the command's images
+equal those of the pipeline built in Python from the same config, and differ from the random weights' images.
+(``--checkpoint WORKDIR`` alone, the workdir's own configs, is tested on the demo's workdir in test_demo.py.)"""
 import json
 import os
 
@@ -15,13 +16,11 @@ from PIL import Image
 from bifrost_jax import cli
 from bifrost_jax.configs import load_config_file
 from bifrost_jax.eval import run
-from bifrost_jax.sample.pipeline import build_pipeline, synthetic_variables
+from bifrost_jax.sample.build import build_pipeline, synthetic_variables
 from bifrost_jax.train import checkpoint as ckpt
 from bifrost_jax.train.state import TrainState
 from test_pipeline import TINY
 
-OVERRIDES = ["controlnet.phase=controlnet", "controlnet.phase_subtree=controlnet"]
-FLAGS = [f"--config.{o}" for o in OVERRIDES]
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +42,14 @@ def workdir(tmp_path_factory):
     return path, trained, random_pipe
 
 
+def _overrides(path):
+    return [f"controlnet.init_from={ckpt.checkpoint_dir(path, 'controlnet')}"]
+
+
 @pytest.fixture(scope="module")
 def from_checkpoint(workdir):
     path, _, _ = workdir
-    return build_pipeline(load_config_file(TINY, OVERRIDES), path)
+    return build_pipeline(load_config_file(TINY, _overrides(path)))
 
 
 def _pngs(directory, names):
@@ -69,21 +72,24 @@ def test_pipeline_takes_the_checkpointed_controlnet(workdir, from_checkpoint):
 def test_generate_command_with_checkpoint(workdir, from_checkpoint, tmp_path):
     path, _, random_pipe = workdir
     out = tmp_path / "gen"
-    assert cli.main(["generate", "--config", TINY, "--checkpoint", path, "--prompt", "two blue squares",
-                     "--num-images", "2", "--seed", "4", "--out", str(out)] + FLAGS) == 0
+    flags = [f"--config.{o}" for o in _overrides(path)]
+    assert cli.main(["generate", "--config", TINY, "--prompt", "two blue squares", "--num-images", "2", "--seed", "4",
+                     "--out", str(out)] + flags) == 0
     images = _pngs(out, ["000_00.png", "000_01.png"])
     want = from_checkpoint.generate(["two blue squares"], num_images_per_prompt=2, seed=4)
     assert np.abs(images.astype(int) - want).max() <= 1
     plain = random_pipe.generate(["two blue squares"], num_images_per_prompt=2, seed=4)
     assert np.abs(images.astype(int) - plain).mean() > 2.0  # the checkpoint's weights were used
-    assert json.loads((out / "config.json").read_text())["checkpoint"] == path
+    record = json.loads((out / "config.json").read_text())
+    assert record["config"]["controlnet"]["init_from"] == ckpt.checkpoint_dir(path, "controlnet")
 
 
 def test_eval_command_with_checkpoint(workdir, from_checkpoint, tmp_path):
     path, _, random_pipe = workdir
     out = tmp_path / "eval"
-    assert cli.main(["eval", "shapes", "--config", TINY, "--checkpoint", path, "--num-prompts", "2",
-                     "--num-images", "2", "--batch-size", "1", "--save-images", "--out", str(out)] + FLAGS) == 0
+    flags = [f"--config.{o}" for o in _overrides(path)]
+    assert cli.main(["eval", "shapes", "--config", TINY, "--num-prompts", "2", "--num-images", "2", "--batch-size",
+                     "1", "--save-images", "--out", str(out)] + flags) == 0
     captions, _ = run.shapes_prompts(2)
     seed = from_checkpoint.options.seed
     for i, caption in enumerate(captions):

@@ -211,7 +211,7 @@ def test_reconstruction_eval_on_shapes_with_options(tmp_path):
     the first images of that split (as built under --data-dir) with those captions and that seed."""
     from bifrost_jax.configs import load_config_file
     from bifrost_jax.data.shapes import ShapesOptions, load_shapes
-    from bifrost_jax.sample.pipeline import build_pipeline
+    from bifrost_jax.sample.build import build_pipeline
 
     opts = dict(resolution=64, train_size=4, validation_size=4, test_size=5, seed=3)
     out = tmp_path / "out"

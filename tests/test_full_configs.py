@@ -68,7 +68,7 @@ def test_full_generate_aot_config():
     import math
 
     from bifrost_jax import aot
-    from bifrost_jax.aot_generate import generate_target
+    from bifrost_jax.aot.generate import generate_target
 
     config = load_config_file(os.path.join(ROOT, "configs", "full", "generate_aot.py"))
     assert aot.resolve_target(None, config)[0] == "generate"

@@ -13,7 +13,7 @@ import pytest
 from bifrost_jax import cli, port
 from bifrost_jax.configs import load_config_file
 from bifrost_jax.port.orbax_io import restore_ported
-from bifrost_jax.sample.pipeline import build_pipeline
+from bifrost_jax.sample.build import build_pipeline
 from test_pipeline import TINY
 
 # kind -> (module attribute, variables attribute) of BifrostPipeline (text encoders: of its FluxTextEncoder)
@@ -24,7 +24,7 @@ KINDS = {"flux-transformer": "transformer", "latent-controlnet": "controlnet", "
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     """kind -> (exported directory, the exported variables)."""
-    pipe = build_pipeline(load_config_file(TINY, ["mllm.source=", "vision.source="]))
+    pipe = build_pipeline(load_config_file(TINY))
     root = tmp_path_factory.mktemp("port_sources")
     out = {}
     for kind, name in KINDS.items():

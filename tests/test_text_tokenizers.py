@@ -11,7 +11,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from bifrost_jax.configs import load_config_file
-from bifrost_jax.sample.pipeline import build_pipeline, hf_tokenizer
+from bifrost_jax.data.tokenizers import hf_tokenizer
+from bifrost_jax.sample.build import build_pipeline
 from bifrost_jax.train.text_conditioning import PaddedTokenizer
 from test_pipeline import TINY
 
@@ -77,15 +78,14 @@ def test_our_tokenizers_give_transformers_ids(tokenizer_dirs, name, length):
 
 
 def test_pipeline_encodes_with_the_tokenizer_directories(tokenizer_dirs):
-    """``config.t5.tokenizer`` / ``config.clip.tokenizer`` = the directories: the pipeline's text embeddings are the
+    """``config.t5.tokenizer_dir`` / ``config.clip.tokenizer_dir`` = the directories: the pipeline's text embeddings are the
     encoders' outputs on transformers' ids (T5 all tokens, CLIP pooled at the EOS)."""
     (clip_dir, clip), (t5_dir, t5) = tokenizer_dirs["clip"], tokenizer_dirs["t5"]
     config = load_config_file(TINY, [
-        f"t5.tokenizer={t5_dir}", "t5.max_length=9", f"t5.model.vocab_size={t5['vocab_size']}",
-        f"clip.tokenizer={clip_dir}", "clip.max_length=12", f"clip.model.vocab_size={clip['vocab_size']}",
-        f"clip.model.eos_token_id={clip['eos']}", f"clip.model.bos_token_id={clip['bos']}",
-        f"clip.model.pad_token_id={clip['pad']}", "clip.model.max_position_embeddings=12", "mllm.source=",
-        "vision.source="])
+        f"t5.tokenizer_dir={t5_dir}", "t5.max_length=9", f"t5.config.vocab_size={t5['vocab_size']}",
+        f"clip.tokenizer_dir={clip_dir}", "clip.max_length=12", f"clip.config.vocab_size={clip['vocab_size']}",
+        f"clip.config.eos_token_id={clip['eos']}", f"clip.config.bos_token_id={clip['bos']}",
+        f"clip.config.pad_token_id={clip['pad']}", "clip.config.max_position_embeddings=12"])
     pipe = build_pipeline(config)
     embeds, pooled = pipe.encode_text(PROMPTS)
     enc = pipe.encode_text
