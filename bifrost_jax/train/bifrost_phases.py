@@ -207,15 +207,18 @@ def _restore_orbax_port(port_dir: str, kinds: tuple[str, ...], prefix: tuple[str
     return _place(got, abstract, shardings, f"{what} ({port_dir})")
 
 
-def _restore_phase_checkpoint(path: str, step: int, collections: dict, abstract, shardings):
+def _restore_phase_checkpoint(path: str, step: int, collections: dict, abstract, shardings, allow_unused=()):
     """``{collection: {component: tree}}`` from another phase's checkpoint (params-only, strict accounting:
-    everything asked for must be there; the checkpoint may hold other components)."""
+    everything asked for must be there, and every saved weight of those components must be used, outside the
+    section's ``init_allow_unused``; the checkpoint may hold other components)."""
     from bifrost_jax.train import checkpoint as ckpt
 
     fs = _flat(shardings)
     target = {k: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=fs[k]) for k, a in _flat(abstract).items()
               if k[0] in collections and k[1] in collections[k[0]]}
-    restored, _ = ckpt.restore_params(path, traverse_util.unflatten_dict(target), step=step, allow_unused=((),))
+    restored, _ = ckpt.restore_params(path, traverse_util.unflatten_dict(target), step=step,
+                                      only_under=[(c, n) for c, names in collections.items() for n in names],
+                                      allow_unused=ckpt.parse_prefixes(allow_unused))
     return traverse_util.unflatten_dict(restored)
 
 
@@ -382,7 +385,7 @@ def load_component(comp: Component, abstract_vars, shardings, collections=("para
     if comp.init_from:
         step = int(comp.section.get("init_step", -1))
         out = _restore_phase_checkpoint(comp.init_from, step, {c: (comp.name,) for c in abstract}, abstract_vars,
-                                        shardings)
+                                        shardings, comp.section.get("init_allow_unused", ()))
     return out
 
 
@@ -1027,7 +1030,8 @@ class MllmPhase(Phase):
             trained = {k: v for k, v in _flat(a_mllm).items() if mllm_is_trainable(k)}
             sub = {"params": {"mllm": traverse_util.unflatten_dict(trained)}}
             out = _merge(out, _restore_phase_checkpoint(s.init_from, int(s.get("init_step", -1)),
-                                                        {"params": ("mllm",)}, sub, shardings))
+                                                        {"params": ("mllm",)}, sub, shardings,
+                                                        s.get("init_allow_unused", ())))
         if not self.use_cache and self.vision.has_source:
             out = _merge(out, load_component(self.vision, abstract_variables, shardings))
         return out or None
