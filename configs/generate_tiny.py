@@ -6,8 +6,9 @@ T5 + CLIP text, FLUX + latent ControlNet on an 8x12 packed grid, VAE decode to 3
 reconstruction (112x168 px views). The schema (sources, ports, phase checkpoints) is documented in
 ``bifrost_jax.sample.pipeline.BUILD_DOC``.
 
-    bifrost generate --config configs/generate_tiny.py --prompt "a red circle" --out /tmp/gen
-    bifrost eval geneval --config configs/generate_tiny.py --prompts evaluation_metadata.jsonl --out /tmp/geneval
+    bifrost generate --config configs/generate_tiny.py --random-weights --prompt "a red circle" --out /tmp/gen
+    bifrost eval geneval --config configs/generate_tiny.py --random-weights --prompts evaluation_metadata.jsonl \
+        --out /tmp/geneval
 """
 import ml_collections
 

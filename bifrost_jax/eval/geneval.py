@@ -9,26 +9,34 @@ Layout (what GenEval's ``evaluate_images.py`` reads), for prompt ``index`` of ``
 Prompts are dealt round-robin to the hosts (``index % process_count == process_index``); each host generates its
 share in batches of ``batch_size`` prompts on its local devices (the pipeline's mesh shards a batch over them), so
 hosts never wait on each other until the final barrier. Every file is written atomically (temporary file + rename)
-and ``metadata.jsonl`` LAST, so a prompt is finished iff its metadata file exists together with all its samples:
-rerunning the same command skips finished prompts and redoes the rest. Since the pipeline seeds every prompt the
-same way (``sample.pipeline``), the images do not depend on how prompts were distributed or batched.
+and ``metadata.jsonl`` LAST, so a prompt is finished iff its metadata file exists together with all its samples,
+each of which must decode (a truncated PNG is regenerated): rerunning the same command skips finished prompts and
+redoes the rest. Since the pipeline seeds every prompt the same way (``sample.pipeline``), the images do not depend
+on how prompts were distributed or batched.
+
+``OUT/run_settings.json`` records what the folder was generated with (seed, images per prompt, the prompt file's
+SHA-256, the checkpoint, the sampling config); a rerun with different settings is refused naming each difference
+(``check_run_settings``), so a resumed folder never mixes two runs.
 
 Each host appends the indices it generated to ``OUT/.geneval_log/process_<i>.jsonl`` (a record of who did what).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 import time
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from bifrost_jax.data.preprocess import CorruptImageError, decode_image
 from bifrost_jax.sample.pipeline import make_grid, save_png
 
 GenerateFn = Callable[[Sequence[str], int, int], np.ndarray]  # (prompts, num_images, seed) -> uint8 (P*K, H, W, 3)
 LOG_DIR = ".geneval_log"
+SETTINGS_FILE = "run_settings.json"
 
 
 def read_prompts(path: str, limit: Optional[int] = None) -> list[tuple[str, dict]]:
@@ -61,10 +69,56 @@ def sample_path(out: str, index: int, i: int) -> str:
     return os.path.join(prompt_dir(out, index), "samples", f"{i:04d}.png")
 
 
+def decodable(path: str) -> bool:
+    """The file exists and decodes completely as an image."""
+    try:
+        with open(path, "rb") as fh:
+            decode_image(fh.read(), name=path)
+        return True
+    except (OSError, CorruptImageError):
+        return False
+
+
 def is_finished(out: str, index: int, num_images: int) -> bool:
-    """All samples and (written last) the metadata file exist."""
+    """All samples and (written last) the metadata file exist, and every sample decodes."""
     return (os.path.isfile(os.path.join(prompt_dir(out, index), "metadata.jsonl"))
-            and all(os.path.isfile(sample_path(out, index, i)) for i in range(num_images)))
+            and all(decodable(sample_path(out, index, i)) for i in range(num_images)))
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def check_run_settings(out: str, settings: Mapping[str, Any], write: bool = True) -> None:
+    """Refuse (``ValueError`` naming every differing key with both values) to continue an output folder made
+    with other settings; record ``settings`` in a new folder (``write``: this process writes the file)."""
+    path = os.path.join(out, SETTINGS_FILE)
+    current = json.loads(json.dumps(settings))
+    if os.path.isfile(path):
+        with open(path) as fh:
+            saved = json.load(fh)
+        a, b = _flat(saved), _flat(current)
+        diffs = [f"{k}: folder {a.get(k, '<absent>')!r}, now {b.get(k, '<absent>')!r}"
+                 for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        if diffs:
+            raise ValueError(f"{out} holds samples generated with other settings; continuing would mix two runs:"
+                             f"\n  " + "\n  ".join(diffs) + "\nUse another --out, or the same settings.")
+        return
+    if write:
+        _write_text_atomic(path, json.dumps(current, indent=2, sort_keys=True) + "\n")
 
 
 def _write_text_atomic(path: str, text: str) -> None:
@@ -92,8 +146,10 @@ def assigned(num_prompts: int, process_index: int, process_count: int) -> list[i
 
 def run_geneval(generate_fn: GenerateFn, prompts: Sequence[tuple[str, dict]], out: str, *, num_images: int,
                 batch_size: int, seed: int, process_index: int = 0, process_count: int = 1, grid: bool = True,
-                progress: bool = True) -> list[int]:
-    """Generate this host's unfinished prompts; returns the indices generated now."""
+                progress: bool = True, settings: Optional[Mapping[str, Any]] = None) -> list[int]:
+    """Generate this host's unfinished prompts; returns the indices generated now. ``settings`` (recorded and
+    checked with ``check_run_settings``) default to the seed and the image count."""
+    check_run_settings(out, dict(settings or {}, seed=seed, num_images=num_images), write=process_index == 0)
     mine = assigned(len(prompts), process_index, process_count)
     todo = [i for i in mine if not is_finished(out, i, num_images)]
     print(f"geneval: process {process_index}/{process_count}: {len(mine)} prompts, {len(mine) - len(todo)} already "

@@ -6,7 +6,7 @@ multi-host runs start ``jax.distributed`` from the environment as ``bifrost trai
 see ``launch/local_multiprocess.py``). The only cross-host communication is the final all-reduce of the metric sums
 (and a barrier), so hosts never wait on each other while generating.
 
-    bifrost eval geneval --config CFG [--checkpoint WORKDIR] --prompts evaluation_metadata.jsonl --out DIR
+    bifrost eval geneval --config CFG [--checkpoint WORKDIR | --random-weights] --prompts evaluation_metadata.jsonl --out DIR
         [--num-images 4] [--batch-size 4] [--limit N] [--seed S]
     bifrost eval reconstruction --config CFG [--checkpoint WORKDIR] --dataset shapes|folder --data-dir DIR
         [--split validation] [--limit N] [--batch-size 4] [--use-captions] [--inception WEIGHTS] --out DIR
@@ -27,7 +27,9 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from bifrost_jax.configs import positive_int
 from bifrost_jax.eval.shapes_checker import (ATTRIBUTES, CheckerConfig, ShapesReport, chance_levels, check_image)
+from bifrost_jax.sample.weights_check import WeightsError, check_weight_sources
 
 MODES = ("geneval", "reconstruction", "shapes")
 
@@ -86,27 +88,29 @@ def _parser(mode: str) -> argparse.ArgumentParser:
                                 description=__doc__.split("\n\n")[0] + " Also takes --config FILE and "
                                             "--config.KEY=VALUE overrides (schema: bifrost generate --help).")
     p.add_argument("--checkpoint", default=None, help="training WORKDIR whose phase checkpoints are used")
+    p.add_argument("--random-weights", action="store_true",
+                   help="allow components without trained weights (random source, missing phase checkpoint)")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--batch-size", type=int, default=4, help="prompts (images) per host per generation call")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="prompts (images) per host per generation call")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: config.sample.seed)")
     if mode == "geneval":
         p.add_argument("--prompts", required=True, help="GenEval evaluation_metadata.jsonl")
-        p.add_argument("--num-images", type=int, default=None, help="samples per prompt (default: config)")
-        p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+        p.add_argument("--num-images", type=positive_int, default=None, help="samples per prompt (default: config)")
+        p.add_argument("--limit", type=positive_int, default=None, help="only the first N prompts")
         p.add_argument("--no-grid", action="store_true", help="do not write grid.png per prompt")
     elif mode == "reconstruction":
         p.add_argument("--dataset", choices=("shapes", "folder"), default="shapes")
         p.add_argument("--data-dir", required=True, help="TFDS data_dir (shapes) or a directory of images (folder)")
         p.add_argument("--split", default="validation", help="shapes split (train | validation | test)")
         p.add_argument("--shapes-options", default="{}", help="JSON of data.shapes.ShapesOptions fields")
-        p.add_argument("--limit", type=int, default=None, help="only the first N images")
+        p.add_argument("--limit", type=positive_int, default=None, help="only the first N images")
         p.add_argument("--use-captions", action="store_true", help="FLUX text = the captions (default: empty)")
         p.add_argument("--inception", default=None,
                        help="pytorch-fid's Inception-v3 weights (pt_inception-2015-12-05-6726825d.pth or a "
                             ".safetensors with its keys): also compute FID")
     else:
-        p.add_argument("--num-prompts", type=int, default=200, help="held-out (test split) prompts to score")
-        p.add_argument("--num-images", type=int, default=None, help="samples per prompt (default: config)")
+        p.add_argument("--num-prompts", type=positive_int, default=200, help="held-out (test split) prompts to score")
+        p.add_argument("--num-images", type=positive_int, default=None, help="samples per prompt (default: config)")
         p.add_argument("--shapes-options", default="{}", help="JSON of data.shapes.ShapesOptions fields")
         p.add_argument("--save-images", action="store_true", help="also write the generated images")
     return p
@@ -149,7 +153,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
         return 0
     mode = argv[0]
-    args, rest = _parser(mode).parse_known_args(argv[1:])
+    parser = _parser(mode)
+    args, rest = parser.parse_known_args(argv[1:])
     if mode == "reconstruction" and args.inception and not os.path.exists(args.inception):
         raise SystemExit(f"bifrost eval reconstruction: --inception {args.inception}: no such file (pytorch-fid's "
                          "pt_inception-2015-12-05-6726825d.pth, or a .safetensors with the same keys)")
@@ -162,6 +167,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from bifrost_jax.sample.pipeline import build_pipeline
 
     config, _ = parse_config_flags(rest)
+    try:
+        check_weight_sources(config, args.checkpoint, random_weights=args.random_weights)
+    except WeightsError as e:
+        parser.error(str(e))
     pipe = build_pipeline(config, args.checkpoint)
     seed = pipe.options.seed if args.seed is None else args.seed
     pi, pc = jax.process_index(), jax.process_count()
@@ -170,11 +179,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return pipe.generate(list(prompts), num_images_per_prompt=k, seed=s)
 
     if mode == "geneval":
-        from bifrost_jax.eval.geneval import missing_prompts, read_prompts, run_geneval
+        from bifrost_jax.eval.geneval import file_sha256, missing_prompts, read_prompts, run_geneval
         prompts = read_prompts(args.prompts, args.limit)
         k = pipe.options.num_images_per_prompt if args.num_images is None else args.num_images
+        settings = {"prompts_sha256": file_sha256(args.prompts), "checkpoint": os.path.abspath(args.checkpoint)
+                    if args.checkpoint else None, "random_weights": args.random_weights,
+                    "config": {k_: v for k_, v in json.loads(config.to_json()).items() if k_ != "mesh"}}
         done = run_geneval(generate, prompts, args.out, num_images=k, batch_size=args.batch_size, seed=seed,
-                           process_index=pi, process_count=pc, grid=not args.no_grid)
+                           process_index=pi, process_count=pc, grid=not args.no_grid, settings=settings)
         print(f"geneval: process {pi} generated {len(done)} prompts")
         _barrier("bifrost_eval_geneval_done")
         missing = missing_prompts(args.out, len(prompts), k)

@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bifrost_jax.configs import positive_int
 from bifrost_jax.data.prompt import build_t2i_prompt, build_uncond_prompt
 from bifrost_jax.data.qwen_image import patchify
 from bifrost_jax.models.bifrost import BifrostMLLM
@@ -55,6 +56,7 @@ from bifrost_jax.models.flux.vae import AutoencoderKL, latent_image_ids, unpack_
 from bifrost_jax.models.qwen.vision import QwenVisionTransformer
 from bifrost_jax.sample.flow import euler_sample, flux_sigmas
 from bifrost_jax.sample.mar import mar_decode
+from bifrost_jax.sample.weights_check import WeightsError, check_weight_sources
 
 Variables = Any
 TextEncodeFn = Callable[[Sequence[str]], tuple[Any, Any]]
@@ -790,11 +792,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         description="Generate images with Bifrost-1 (MLLM MAR decoding -> latent ControlNet + FLUX).\n"
                     "Also takes --config FILE and --config.KEY=VALUE overrides.\n\n" + BUILD_DOC)
     parser.add_argument("--checkpoint", default=None, help="training WORKDIR whose phase checkpoints are used")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="allow components without trained weights (random source, missing phase checkpoint)")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
-    parser.add_argument("--num-images", type=int, default=None, help="images per prompt (default: config)")
+    parser.add_argument("--num-images", type=positive_int, default=None, help="images per prompt (default: config)")
     parser.add_argument("--seed", type=int, default=None, help="seed, re-used for every prompt (default: config)")
-    parser.add_argument("--mar-steps", type=int, default=None, help="MAR decoding steps (default: config / N)")
-    parser.add_argument("--batch-size", type=int, default=4, help="prompts per generation call")
+    parser.add_argument("--mar-steps", type=positive_int, default=None, help="MAR decoding steps (default: config / N)")
+    parser.add_argument("--batch-size", type=positive_int, default=4, help="prompts per generation call")
     parser.add_argument("--out", required=True, help="output directory")
     args, rest = parser.parse_known_args(argv)
     if not args.prompt:
@@ -803,6 +807,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from bifrost_jax.configs import parse_config_flags
     config, _ = parse_config_flags(rest)
+    try:
+        check_weight_sources(config, args.checkpoint, random_weights=args.random_weights)
+    except WeightsError as e:
+        parser.error(str(e))
     pipe = build_pipeline(config, args.checkpoint)
     k = pipe.options.num_images_per_prompt if args.num_images is None else args.num_images
     seed = pipe.options.seed if args.seed is None else args.seed

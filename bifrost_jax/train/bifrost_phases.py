@@ -422,9 +422,8 @@ def image_source(data):
                                 jitter=float(data.shapes_jitter))
         return load_shapes(data.data_dir, "train", options)
     if data.source == "captions":
-        from bifrost_jax.data.captions import CaptionsOptions, captions_builder
-        builder = captions_builder(data.data_dir, CaptionsOptions(source=data.captions_source))
-        builder.download_and_prepare()
+        from bifrost_jax.data.captions import CaptionsOptions, prepare_captions
+        builder = prepare_captions(data.data_dir, CaptionsOptions(source=data.captions_source))  # rebuilt if stale
         return builder.as_data_source("train")
     if data.source == "imagenet":
         from bifrost_jax.data.imagenet import ImageNetSource
