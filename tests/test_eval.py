@@ -38,7 +38,8 @@ def _read_png(path):
 def geneval_single(tmp_path_factory):
     """A single-process run on the first 3 prompts (2 samples each), through ``bifrost eval geneval``."""
     out = tmp_path_factory.mktemp("geneval_single")
-    code = run.main(["geneval", "--config", TINY, "--random-weights", "--prompts", _geneval_metadata(), "--out", str(out), "--limit", "3",
+    code = run.main(["geneval", "--config", TINY, "--random-weights", "--prompts", _geneval_metadata(), "--out",
+                     str(out), "--limit", "3",
                      "--num-images", "2", "--batch-size", "2"])
     assert code == 0
     return out
@@ -73,7 +74,8 @@ def test_geneval_resume(geneval_single, tmp_path):
     kept = {p: os.stat(p).st_mtime_ns for p in (out / "00000").rglob("*") if p.is_file()}
     before = _read_png(out / "00001" / "samples" / "0000.png")
     os.utime(out / "00001" / "samples" / "0000.png", ns=(1, 1))
-    code = run.main(["geneval", "--config", TINY, "--random-weights", "--prompts", _geneval_metadata(), "--out", str(out), "--limit", "3",
+    code = run.main(["geneval", "--config", TINY, "--random-weights", "--prompts", _geneval_metadata(), "--out",
+                     str(out), "--limit", "3",
                      "--num-images", "2", "--batch-size", "2"])
     assert code == 0
     assert [json.loads(x)["index"] for x in log.read_text().splitlines()] == [1, 2]  # only the unfinished ones
@@ -95,7 +97,7 @@ def _local_multiprocess():
 def test_geneval_two_processes(geneval_single, tmp_path):
     out = tmp_path / "mp"
     n = 5
-    cmd = [sys.executable, "-m", "bifrost_jax.eval.run", "geneval", "--config", TINY, "--prompts",
+    cmd = [sys.executable, "-m", "bifrost_jax.eval.run", "geneval", "--config", TINY, "--random-weights", "--prompts",
            _geneval_metadata(), "--out", str(out), "--limit", str(n), "--num-images", "2", "--batch-size", "2"]
     env = dict(os.environ, JAX_DEFAULT_MATMUL_PRECISION="highest", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "cache"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
@@ -182,7 +184,8 @@ def test_reconstruction_eval_on_a_folder(tmp_path):
     for i in range(5):  # 5 images, batches of 4: the second batch is padded (invalid slots must not count)
         Image.fromarray(rng.integers(0, 256, (60 + 4 * i, 80, 3), dtype=np.uint8)).save(data / f"{i}.png")
     out = tmp_path / "out"
-    code = run.main(["reconstruction", "--config", TINY, "--random-weights", "--dataset", "folder", "--data-dir", str(data), "--out",
+    code = run.main(["reconstruction", "--config", TINY, "--random-weights", "--dataset", "folder", "--data-dir",
+                     str(data), "--out",
                      str(out), "--batch-size", "4"])
     assert code == 0
     result = json.loads((out / "reconstruction.json").read_text())
@@ -234,7 +237,8 @@ def test_shapes_eval_perfect_and_wrong_generators():
 
 
 def test_shapes_eval_command(tmp_path):
-    code = run.main(["shapes", "--config", TINY, "--random-weights", "--out", str(tmp_path), "--num-prompts", "4", "--num-images", "2",
+    code = run.main(["shapes", "--config", TINY, "--random-weights", "--out", str(tmp_path), "--num-prompts", "4",
+                     "--num-images", "2",
                      "--batch-size", "2"])
     assert code == 0
     report = json.loads((tmp_path / "shapes_report.json").read_text())

@@ -199,7 +199,8 @@ def test_reconstruct(pipe, generated):
 
 def test_main_writes_pngs_grid_and_config(tmp_path):
     out = tmp_path / "gen"
-    code = P.main(["--config", TINY, "--random-weights", "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--num-images", "2",
+    code = P.main(["--config", TINY, "--random-weights", "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
+                   "--num-images", "2",
                    "--seed", "5", "--out", str(out), "--batch-size", "2", "--config.sample.flux_steps=3"])
     assert code == 0
     pngs = sorted(p for p in os.listdir(out) if p.endswith(".png") and p != "grid.png")

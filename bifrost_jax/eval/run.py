@@ -6,11 +6,13 @@ multi-host runs start ``jax.distributed`` from the environment as ``bifrost trai
 see ``launch/local_multiprocess.py``). The only cross-host communication is the final all-reduce of the metric sums
 (and a barrier), so hosts never wait on each other while generating.
 
-    bifrost eval geneval --config CFG [--checkpoint WORKDIR | --random-weights] --prompts evaluation_metadata.jsonl --out DIR
-        [--num-images 4] [--batch-size 4] [--limit N] [--seed S]
-    bifrost eval reconstruction --config CFG [--checkpoint WORKDIR] --dataset shapes|folder --data-dir DIR
-        [--split validation] [--limit N] [--batch-size 4] [--use-captions] [--inception WEIGHTS] --out DIR
-    bifrost eval shapes --config CFG [--checkpoint WORKDIR] --out DIR [--num-prompts 200] [--num-images 4]
+    bifrost eval geneval --config CFG [--checkpoint WORKDIR | --random-weights] --prompts evaluation_metadata.jsonl
+        --out DIR [--num-images 4] [--batch-size 4] [--limit N] [--seed S]
+    bifrost eval reconstruction --config CFG [--checkpoint WORKDIR | --random-weights] --dataset shapes|folder
+        --data-dir DIR [--split validation] [--limit N] [--batch-size 4] [--use-captions] [--inception WEIGHTS]
+        --out DIR
+    bifrost eval shapes --config CFG [--checkpoint WORKDIR | --random-weights] --out DIR [--num-prompts 200]
+        [--num-images 4]
 
 FID: ``eval reconstruction --inception WEIGHTS`` also reports the FID between the reconstructions and the originals
 (at the output size), with pytorch-fid's Inception-v3: WEIGHTS is the user's pytorch-fid weights file
@@ -147,6 +149,7 @@ def _barrier(name: str) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in MODES:
+        print(f"usage: bifrost eval {{{'|'.join(MODES)}}} ... (bifrost eval MODE --help: that mode's options)\n")
         print(__doc__)
         if argv and argv[0] not in ("-h", "--help"):
             print(f"bifrost eval: unknown mode {argv[0]!r}; modes: {', '.join(MODES)}", file=sys.stderr)

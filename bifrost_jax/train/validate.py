@@ -35,7 +35,8 @@ _INT_MIN = {
 }
 _REAL_RANGE = {  # key -> (low, high, low inclusive, high inclusive)
     "optim.lr": (0.0, math.inf, True, False), "optim.end_lr_ratio": (0.0, 1.0, True, True),
-    "optim.b1": (0.0, 1.0, True, False), "optim.b2": (0.0, 1.0, True, False), "optim.eps": (0.0, math.inf, False, False),
+    "optim.b1": (0.0, 1.0, True, False), "optim.b2": (0.0, 1.0, True, False),
+    "optim.eps": (0.0, math.inf, False, False),
     "optim.weight_decay": (0.0, math.inf, True, False), "optim.clip_grad_norm": (0.0, math.inf, True, False),
     "optim.ema_decay": (0.0, 1.0, True, False), "train.peak_tflops_per_device": (0.0, math.inf, True, False),
     "data.text_dropout": (0.0, 1.0, True, True), "data.min_crop_scale": (0.0, 1.0, False, True),
