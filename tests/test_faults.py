@@ -289,24 +289,31 @@ def test_help_works_on_every_command(capsys):
 # ----------------------------------------------------------------------------------------------------------------
 # 5. concurrent runs and config changes
 
-def test_workdir_lock_refuses_a_second_run_and_recovers_a_stale_lock(tmp_path, capsys):
+def test_workdir_lock_refuses_a_second_run_and_recovers_a_stale_lock(tmp_path):
     run_dir = str(tmp_path / "toy")
     holder = WorkdirLock(run_dir, 0).acquire()
     with pytest.raises(WorkdirLockedError, match=f"pid {os.getpid()}"):
         run(toy_config("train.steps=1"), tmp_path)
-    assert not os.path.exists(os.path.join(run_dir, "checkpoints"))
+    assert not os.path.exists(os.path.join(run_dir, "checkpoints"))  # refused before anything was written
+    # the heartbeat notices a takeover by another run, and the loop's per-step check stops this one
+    with open(holder.path, "w") as fh:
+        json.dump({"host": "elsewhere", "pid": 1, "token": "other", "heartbeat": 1e12}, fh)
+    assert holder._beat_once() is False  # what the heartbeat thread runs every HEARTBEAT_S seconds
+    with pytest.raises(WorkdirLockedError, match="taken over by another run"):
+        holder.check()
     holder.release()
+    assert os.path.exists(holder.path)  # not ours any more: left alone
     # a run killed without releasing: its pid is gone on this host
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    with open(os.path.join(run_dir, "lock", "process_0.json"), "w") as fh:
-        json.dump({"host": socket.gethostname(), "pid": int(gone.stdout), "token": "x", "heartbeat": 1e12}, fh)
-    run(toy_config("train.steps=1"), tmp_path)
-    assert "taking over the stale lock" in capsys.readouterr().out
-    assert not os.path.exists(os.path.join(run_dir, "lock", "process_0.json"))  # released at the end
-    # a live lock whose heartbeat stopped long ago (another host, or a hung process) is stale too
-    with open(os.path.join(run_dir, "lock", "process_0.json"), "w") as fh:
-        json.dump({"host": "elsewhere", "pid": 1, "token": "y", "heartbeat": 0.0}, fh)
-    WorkdirLock(run_dir, 0).acquire(report=lambda m: None).release()
+    for record, why in (({"host": socket.gethostname(), "pid": int(gone.stdout), "heartbeat": 1e12}, "is gone"),
+                        ({"host": "elsewhere", "pid": 1, "heartbeat": 0.0}, "no heartbeat for")):
+        with open(holder.path, "w") as fh:
+            json.dump(dict(record, token="x"), fh)
+        messages = []
+        lock = WorkdirLock(run_dir, 0).acquire(report=messages.append)
+        assert "taking over the stale lock" in messages[0] and why in messages[0]
+        lock.release()
+        assert not os.path.exists(holder.path)
 
 
 def test_resume_refuses_config_changes_that_break_exactness(reference, tmp_path):

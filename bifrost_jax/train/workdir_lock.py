@@ -108,15 +108,20 @@ class WorkdirLock:
         raise WorkdirLockedError(f"could not take {self.path}: other runs keep taking it")
 
     def _beat(self) -> None:
-        while not self._stop.wait(self.heartbeat_s):
-            held = _read(self.path)
-            if not held or held.get("token") != self.token:
-                self.lost = f"the lock {self.path} was taken over by another run ({held})"
-                return
-            tmp = f"{self.path}.{self.token}.tmp"
-            with open(tmp, "w") as fh:
-                json.dump(self._record(), fh)
-            os.replace(tmp, self.path)
+        while not self._stop.wait(self.heartbeat_s) and self._beat_once():
+            pass
+
+    def _beat_once(self) -> bool:
+        """Refresh the heartbeat; False (and ``lost`` set) if the file is no longer this run's."""
+        held = _read(self.path)
+        if not held or held.get("token") != self.token:
+            self.lost = f"the lock {self.path} was taken over by another run ({held})"
+            return False
+        tmp = f"{self.path}.{self.token}.tmp"
+        with open(tmp, "w") as fh:
+            json.dump(self._record(), fh)
+        os.replace(tmp, self.path)
+        return True
 
     def check(self) -> None:
         """Raise if another run took the lock (called every step: a flag read)."""
