@@ -7,7 +7,7 @@ naming the key.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import ml_collections
 
@@ -117,6 +117,16 @@ def parse_config_flags(argv: Sequence[str], extra_string_flags: Sequence[str] = 
         raise ValueError(f"cannot load config file {fv['config'].config_filename!r}: {error}")
     return config, {n: fv[n].value for n in extra_string_flags}
 
+
+
+def flatten_dotted(node, prefix: str = "") -> dict:
+    """``{"a.b": value}`` of a nested mapping (a config's JSON, a settings record): what differences are named by."""
+    if isinstance(node, Mapping):
+        out: dict = {}
+        for k, v in node.items():
+            out.update(flatten_dotted(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: node}
 
 
 def positive_int(text: str) -> int:

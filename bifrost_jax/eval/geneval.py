@@ -31,6 +31,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from bifrost_jax.configs import flatten_dotted
 from bifrost_jax.data.preprocess import CorruptImageError, decode_image
 from bifrost_jax.sample.pipeline import make_grid, save_png
 
@@ -93,15 +94,6 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(node, Mapping):
-        out: dict[str, Any] = {}
-        for k, v in node.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: node}
-
-
 def check_run_settings(out: str, settings: Mapping[str, Any], write: bool = True) -> None:
     """Refuse (``ValueError`` naming every differing key with both values) to continue an output folder made
     with other settings; record ``settings`` in a new folder (``write``: this process writes the file)."""
@@ -110,7 +102,7 @@ def check_run_settings(out: str, settings: Mapping[str, Any], write: bool = True
     if os.path.isfile(path):
         with open(path) as fh:
             saved = json.load(fh)
-        a, b = _flat(saved), _flat(current)
+        a, b = flatten_dotted(saved), flatten_dotted(current)
         diffs = [f"{k}: folder {a.get(k, '<absent>')!r}, now {b.get(k, '<absent>')!r}"
                  for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
         if diffs:

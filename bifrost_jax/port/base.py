@@ -320,15 +320,16 @@ def check_key_map(key_map: KeyMap, expected: Mapping[Path, Any], available: Mapp
 
 def check_weight_dtypes(key_map: KeyMap, expected: Mapping[Path, Any], dtype_of: Callable[[str], np.dtype],
                         what: str, file_of: Callable[[str], str] | None = None) -> None:
-    """Raise one PortError naming every checkpoint tensor (and its file) whose dtype cannot be a weight: an
-    integer or boolean tensor where a floating weight is expected is never cast silently."""
+    """Raise one PortError naming every checkpoint tensor (and its file) whose dtype cannot be the expected leaf:
+    an integer or boolean tensor where a floating weight is expected is never cast silently (integer leaves, such
+    as BatchNorm's ``num_batches_tracked`` counter, take integers)."""
     bad = []
     for path, source in sorted(key_map.items()):
-        if path not in expected:
+        if path not in expected or not jnp.issubdtype(getattr(expected[path], "dtype", jnp.float32), jnp.floating):
             continue
         for k in source.keys:
             got = np.dtype(dtype_of(k))
-            if got.kind in "iub":  # bfloat16 / float8 (ml_dtypes) are not np.floating subtypes, but are weights
+            if got.kind in "iub":  # (bfloat16 and float8 are ml_dtypes kinds, not np.floating: weights all the same)
                 where = f" in {file_of(k)}" if file_of else ""
                 bad.append(f"{k}{where}: dtype {got}, but {_fmt(path)} is a floating-point weight")
     if bad:

@@ -10,6 +10,12 @@ Preemption: SIGTERM (single process) or a JAX preemption sync point (multi-host,
 SIGTERM) saves a checkpoint at the current step, waits for it to commit, and returns; ``main`` then exits with
 code 0 (``PREEMPTED_EXIT_CODE``). Rerunning the same command resumes.
 
+Faults (README "What happens when things go wrong"): the config is validated first (``validate.py``), the phase
+directory is locked (``workdir_lock.py``), a resume takes the newest intact checkpoint and checks the config
+(``resume.py``, ``integrity.py``), non-finite steps are skipped in the step and stop the run after
+``train.max_bad_steps`` (``guard.py``), and asynchronous saves are watched every step (``save_tracker.py``).
+``main`` turns these stops into a message and an exit code (see ``USAGE``).
+
 Multi-host: ``main`` calls ``jax.distributed.initialize`` when BIFROST_COORDINATOR (explicit coordinator, e.g.
 ``launch/local_multiprocess.py``) or BIFROST_DISTRIBUTED=1 (auto-detected TPU pod / SLURM environment) is set.
 Every host reads its own shard of the data and feeds its rows of the global batch. At the end every process prints

@@ -22,6 +22,7 @@ import jax
 import ml_collections
 from jax.experimental import multihost_utils
 
+from bifrost_jax.configs import flatten_dotted
 from bifrost_jax.train import checkpoint as ckpt
 
 # The sections of base_config whose keys may change on resume except those listed in BREAKING; every other
@@ -36,15 +37,6 @@ class ConfigChangedError(ckpt.CheckpointMismatchError):
     """The resumed run's config differs from the checkpoint's in keys that break exact resumption."""
 
 
-def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(node, Mapping):
-        out = {}
-        for k, v in node.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: node}
-
-
 def _under(key: str, prefixes) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes if p)
 
@@ -57,7 +49,7 @@ def breaks_resumption(key: str) -> bool:
 
 def config_differences(saved: Mapping, current: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
     """``{key: (saved value, current value)}`` for every key that differs (JSON-normalised)."""
-    a, b = _flat(saved), _flat(json.loads(current.to_json()))
+    a, b = flatten_dotted(saved), flatten_dotted(json.loads(current.to_json()))
     missing = object()
     return {k: (a.get(k, missing), b.get(k, missing)) for k in sorted(set(a) | set(b))
             if a.get(k, missing) != b.get(k, missing)}
