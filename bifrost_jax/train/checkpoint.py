@@ -5,10 +5,9 @@ One ``CheckpointManager`` per phase, rooted at ``WORKDIR/<phase>/checkpoints``. 
 * ``params``: ``{"params": trainable, <collection>: ...}`` (the trainable weights and the non-param collections
   such as ``batch_stats``: what another phase or the sampler restores);
 * ``ema``: the EMA of the trainable weights (only when EMA is on);
-* ``opt``: ``{"step", "opt_state", "rng"}``;
-* ``data``: each process's data-iterator state as JSON (``process_<i>-of-<n>.json``);
-* ``config``: the run's config as JSON (for the record).
-
+* ``opt``: ``{"step", "opt_state", "rng", "bad_steps", "bad_since"}`` (the last two: ``guard.py``);
+* ``data``: each process's data-iterator state as JSON (``process_<i>-of-<n>.json``, with its SHA-256);
+* ``config``: the run's config as JSON (a resume compares it with its own: ``resume.py``);
 * ``integrity``: the step's manifest (``integrity.py``): every item it must hold, a checksum of every array, the
   config's digest. A state with a non-finite value is never saved.
 
@@ -29,9 +28,11 @@ from typing import Any, Iterable, Mapping
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import traverse_util
+from jax.experimental import multihost_utils
 
 from bifrost_jax.train.integrity import (MANIFEST_ITEM, CheckpointDamagedError, build_manifest, canonical_json,
                                          check_manifest, flat_arrays, manifest_shapes, text_sha256, verify_arrays,
@@ -131,8 +132,8 @@ def _array_items(state) -> dict:
 def save_state(manager: ocp.CheckpointManager, state, *, data_state: Any = None,
                config: ml_collections.ConfigDict | None = None, force: bool = True) -> int:
     """Start an (async) save of ``state`` at its step, with its integrity manifest (``integrity.py``); returns the
-    step. ``data_state`` is this process's iterator state. Raises ``ValueError`` (nothing saved) if any value of
-    the state is non-finite."""
+    step. ``data_state`` is this process's iterator state. Raises ``guard.NonFiniteError`` (nothing saved) if any
+    value of the state is non-finite."""
     step = int(jax.device_get(state.step))
     arrays = _array_items(state)
     others: dict[str, Any] = {}
@@ -253,7 +254,8 @@ def restore_latest_intact(manager: ocp.CheckpointManager, abstract_state, *, wit
                           report=print, check_config=None):
     """(state, data_state, config JSON, step, {damaged step: reason}) from the newest step that passes its
     integrity check; every step skipped is reported by name with the reason. Raises ``FileNotFoundError``
-    without steps and ``CheckpointDamagedError`` listing every step when none is intact."""
+    without steps and ``CheckpointDamagedError`` listing every step when none is intact. With several processes
+    a step is intact only if it is on every process (each checks its own data-iterator file)."""
     steps = committed_steps(manager)
     if not steps:
         raise FileNotFoundError(f"no checkpoint in {manager.directory}")
@@ -262,9 +264,16 @@ def restore_latest_intact(manager: ocp.CheckpointManager, abstract_state, *, wit
         try:
             state, data_state, config_json = restore_step(manager, abstract_state, step, with_data=with_data,
                                                           check_config=check_config)
+            reason = None
         except CheckpointDamagedError as e:
-            damaged[step] = str(e)
-            report(f"checkpoint step {step} is damaged, not resuming from it: {e}")
+            reason = str(e)
+        if jax.process_count() > 1:
+            intact_everywhere = bool(np.all(multihost_utils.process_allgather(np.int32(reason is None))))
+            if reason is None and not intact_everywhere:
+                reason = f"checkpoint {manager.directory}/{step}: damaged on another process"
+        if reason is not None:
+            damaged[step] = reason
+            report(f"checkpoint step {step} is damaged, not resuming from it: {reason}")
             continue
         if damaged:
             report(f"resuming from step {step}, the newest intact checkpoint (damaged: {sorted(damaged)})")
