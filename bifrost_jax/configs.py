@@ -7,7 +7,7 @@ naming the key.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import ml_collections
 
@@ -33,6 +33,8 @@ def base_config() -> ml_collections.ConfigDict:
     # dtype of the FROZEN parameters ("" = their module's param_dtype; "bfloat16" halves a frozen backbone while
     # the trained parameters keep fp32 master weights). Applied at init, port/init_from loading and resume.
     c.train.frozen_param_dtype = ""
+    # consecutive steps with a non-finite loss or gradient norm (their updates are skipped) before the run stops
+    c.train.max_bad_steps = 10
 
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "adamw"            # adamw | sgd
@@ -49,7 +51,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 1000         # steps between saves (the last step is always saved)
-    c.checkpoint.keep = 3             # checkpoints kept (the newest ones)
+    c.checkpoint.keep = 3             # checkpoints kept (the newest ones); >= 1
+    c.checkpoint.keep_all = False     # True: never delete a checkpoint (checkpoint.keep is then ignored)
     c.checkpoint.async_save = True
     # Params-only initialisation from another run/phase: a checkpoint directory (a manager root such as
     # WORKDIR/<phase>/checkpoints, or one step directory in it). Ignored when resuming.
@@ -60,6 +63,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.init_allow_missing = ()
     c.checkpoint.init_allow_unused = ()  # subtrees of init_from that this model does not use (else: an error)
     c.checkpoint.init_use_ema = False  # take the EMA weights of init_from
+    # A resumed run refuses a config that differs from the checkpoint's in keys that break exact resumption (seed,
+    # batch size, data, model, the model sections); dotted prefixes listed here may differ (e.g. ("data.data_dir",)).
+    c.checkpoint.resume_allow_changes = ()
 
     c.model = ml_collections.ConfigDict()   # phase-specific
     c.data = ml_collections.ConfigDict()    # phase-specific
@@ -116,3 +122,26 @@ def parse_config_flags(argv: Sequence[str], extra_string_flags: Sequence[str] = 
         raise ValueError(f"cannot load config file {fv['config'].config_filename!r}: {error}")
     return config, {n: fv[n].value for n in extra_string_flags}
 
+
+
+def flatten_dotted(node, prefix: str = "") -> dict:
+    """``{"a.b": value}`` of a nested mapping (a config's JSON, a settings record): what differences are named by."""
+    if isinstance(node, Mapping):
+        out: dict = {}
+        for k, v in node.items():
+            out.update(flatten_dotted(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (the error names the value and the allowed range)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed: must be an integer >= 1")
+    return value

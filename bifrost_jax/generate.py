@@ -14,7 +14,8 @@ from tqdm import tqdm
 
 from bifrost_jax.sample.build import BUILD_DOC
 from bifrost_jax.sample.images import make_grid, save_png
-from bifrost_jax.train.export import load_pipeline
+from bifrost_jax.configs import positive_int
+from bifrost_jax.train.export import WeightsError, load_pipeline
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -28,21 +29,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     "configs their checkpoints recorded; a --config names every component's weights itself.\n\n"
                     + BUILD_DOC)
     parser.add_argument("--checkpoint", default=None, help="a training WORKDIR (its phase checkpoints)")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="allow config components with no weight source (port_dir / init_from): random weights")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
-    parser.add_argument("--num-images", type=int, default=None, help="images per prompt (default: config)")
+    parser.add_argument("--num-images", type=positive_int, default=None, help="images per prompt (default: config)")
     parser.add_argument("--seed", type=int, default=None, help="seed, re-used for every prompt (default: config)")
-    parser.add_argument("--mar-steps", type=int, default=None, help="MAR decoding steps (default: config / N)")
+    parser.add_argument("--mar-steps", type=positive_int, default=None, help="MAR decoding steps (default: config / N)")
     parser.add_argument("--mllm-cfg", type=float, default=None, help="MLLM classifier-free guidance weight")
-    parser.add_argument("--flux-steps", type=int, default=None, help="FLUX Euler steps")
+    parser.add_argument("--flux-steps", type=positive_int, default=None, help="FLUX Euler steps")
     parser.add_argument("--guidance", type=float, default=None, help="FLUX distilled guidance")
     parser.add_argument("--conditioning-scale", type=float, default=None, help="latent ControlNet residual scale")
-    parser.add_argument("--batch-size", type=int, default=4, help="prompts per generation call")
+    parser.add_argument("--batch-size", type=positive_int, default=4, help="prompts per generation call")
     parser.add_argument("--out", required=True, help="output directory")
     args, rest = parser.parse_known_args(argv)
     if not args.prompt:
         parser.error("give at least one --prompt")
 
-    pipe, config = load_pipeline(rest, args.checkpoint)
+    try:
+        pipe, config = load_pipeline(rest, args.checkpoint, random_weights=args.random_weights)
+    except (WeightsError, FileNotFoundError) as e:
+        parser.error(str(e))
     given = {"num_images_per_prompt": args.num_images, "seed": args.seed, "mar_steps": args.mar_steps,
              "mllm_cfg": args.mllm_cfg, "flux_steps": args.flux_steps, "guidance": args.guidance,
              "conditioning_scale": args.conditioning_scale}

@@ -21,5 +21,6 @@ def get_config():
     c.vision = tiny_vision_section()
     c.controlnet = ml_collections.ConfigDict(dict(num_layers=1, num_single_layers=1, from_transformer=True,
                                                   dtype="float32", param_dtype="float32", scan_layers=False,
-                                                  remat_policy="none", port_dir="", init_from="", init_step=-1))
+                                                  remat_policy="none", port_dir="", init_from="", init_step=-1,
+                                                  init_allow_unused=()))
     return c

@@ -6,8 +6,9 @@ every stage runs: MAR decoding of a 4x6 CLIP grid, T5 + CLIP text, FLUX + latent
 grid, VAE decode to 32x48 px, and the ViT for reconstruction (112x168 px views). Setting a section's ``port_dir``
 or ``init_from`` loads real weights (``bifrost_jax.sample.build.BUILD_DOC``).
 
-    bifrost generate --config configs/generate_tiny.py --prompt "a red circle" --out /tmp/gen
-    bifrost eval geneval --config configs/generate_tiny.py --prompts evaluation_metadata.jsonl --out /tmp/geneval
+    bifrost generate --config configs/generate_tiny.py --random-weights --prompt "a red circle" --out /tmp/gen
+    bifrost eval geneval --config configs/generate_tiny.py --random-weights --prompts evaluation_metadata.jsonl \
+        --out /tmp/geneval
 """
 import ml_collections
 

@@ -73,7 +73,7 @@ def test_generate_command_with_checkpoint(workdir, from_checkpoint, tmp_path):
     path, _, random_pipe = workdir
     out = tmp_path / "gen"
     flags = [f"--config.{o}" for o in _overrides(path)]
-    assert cli.main(["generate", "--config", TINY, "--prompt", "two blue squares", "--num-images", "2", "--seed", "4",
+    assert cli.main(["generate", "--config", TINY, "--random-weights", "--prompt", "two blue squares", "--num-images", "2", "--seed", "4",
                      "--out", str(out)] + flags) == 0
     images = _pngs(out, ["000_00.png", "000_01.png"])
     want = from_checkpoint.generate(["two blue squares"], num_images_per_prompt=2, seed=4)
@@ -88,7 +88,7 @@ def test_eval_command_with_checkpoint(workdir, from_checkpoint, tmp_path):
     path, _, random_pipe = workdir
     out = tmp_path / "eval"
     flags = [f"--config.{o}" for o in _overrides(path)]
-    assert cli.main(["eval", "shapes", "--config", TINY, "--num-prompts", "2", "--num-images", "2", "--batch-size",
+    assert cli.main(["eval", "shapes", "--config", TINY, "--random-weights", "--num-prompts", "2", "--num-images", "2", "--batch-size",
                      "1", "--save-images", "--out", str(out)] + flags) == 0
     captions, _ = run.shapes_prompts(2)
     seed = from_checkpoint.options.seed

@@ -39,7 +39,8 @@ def _read_png(path):
 def geneval_single(tmp_path_factory):
     """A single-process run on the first 3 prompts (2 samples each), through ``bifrost eval geneval``."""
     out = tmp_path_factory.mktemp("geneval_single")
-    code = run.main(["geneval", "--config", TINY, "--prompts", _geneval_metadata(), "--out", str(out), "--limit", "3",
+    code = run.main(["geneval", "--config", TINY, "--random-weights", "--prompts", _geneval_metadata(), "--out",
+                     str(out), "--limit", "3",
                      "--num-images", "2", "--batch-size", "2"])
     assert code == 0
     return out
@@ -74,7 +75,8 @@ def test_geneval_resume(geneval_single, tmp_path):
     kept = {p: os.stat(p).st_mtime_ns for p in (out / "00000").rglob("*") if p.is_file()}
     before = _read_png(out / "00001" / "samples" / "0000.png")
     os.utime(out / "00001" / "samples" / "0000.png", ns=(1, 1))
-    code = run.main(["geneval", "--config", TINY, "--prompts", _geneval_metadata(), "--out", str(out), "--limit", "3",
+    code = run.main(["geneval", "--config", TINY, "--random-weights", "--prompts", _geneval_metadata(), "--out",
+                     str(out), "--limit", "3",
                      "--num-images", "2", "--batch-size", "2"])
     assert code == 0
     assert [json.loads(x)["index"] for x in log.read_text().splitlines()] == [1, 2]  # only the unfinished ones
@@ -96,7 +98,7 @@ def _local_multiprocess():
 def test_geneval_two_processes(geneval_single, tmp_path):
     out = tmp_path / "mp"
     n = 5
-    cmd = [sys.executable, "-m", "bifrost_jax.eval.run", "geneval", "--config", TINY, "--prompts",
+    cmd = [sys.executable, "-m", "bifrost_jax.eval.run", "geneval", "--config", TINY, "--random-weights", "--prompts",
            _geneval_metadata(), "--out", str(out), "--limit", str(n), "--num-images", "2", "--batch-size", "2"]
     env = dict(os.environ, JAX_DEFAULT_MATMUL_PRECISION="highest", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "cache"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
@@ -183,7 +185,8 @@ def test_reconstruction_eval_on_a_folder(tmp_path):
     for i in range(5):  # 5 images, batches of 4: the second batch is padded (invalid slots must not count)
         Image.fromarray(rng.integers(0, 256, (60 + 4 * i, 80, 3), dtype=np.uint8)).save(data / f"{i}.png")
     out = tmp_path / "out"
-    code = run.main(["reconstruction", "--config", TINY, "--dataset", "folder", "--data-dir", str(data), "--out",
+    code = run.main(["reconstruction", "--config", TINY, "--random-weights", "--dataset", "folder", "--data-dir",
+                     str(data), "--out",
                      str(out), "--batch-size", "4"])
     assert code == 0
     result = json.loads((out / "reconstruction.json").read_text())
@@ -215,7 +218,7 @@ def test_reconstruction_eval_on_shapes_with_options(tmp_path):
 
     opts = dict(resolution=64, train_size=4, validation_size=4, test_size=5, seed=3)
     out = tmp_path / "out"
-    code = run.main(["reconstruction", "--config", TINY, "--dataset", "shapes", "--data-dir", str(tmp_path / "tfds"),
+    code = run.main(["reconstruction", "--config", TINY, "--random-weights", "--dataset", "shapes", "--data-dir", str(tmp_path / "tfds"),
                      "--split", "test", "--shapes-options", json.dumps(opts), "--limit", "3", "--batch-size", "2",
                      "--use-captions", "--seed", "7", "--out", str(out)])
     assert code == 0
@@ -276,7 +279,7 @@ def shapes_cli_tiny(tmp_path_factory):
     """``bifrost eval shapes`` on the tiny random pipeline: 5 prompts in batches of 2 (the last one padded), 2 images
     each, images saved."""
     out = tmp_path_factory.mktemp("shapes_cli")
-    code = run.main(["shapes", "--config", TINY, "--out", str(out), "--num-prompts", "5", "--num-images", "2",
+    code = run.main(["shapes", "--config", TINY, "--random-weights", "--out", str(out), "--num-prompts", "5", "--num-images", "2",
                      "--batch-size", "2", "--save-images"])
     assert code == 0
     return out
@@ -325,7 +328,7 @@ def test_shapes_eval_command_known_answers(tmp_path, monkeypatch):
     blank = np.broadcast_to(draw(["a red circle"], 1, 0)[0, 0, 0], (96, 96, 3)).copy()
     assert detect_objects(blank) == []
     n = 7
-    code = run.main(["shapes", "--config", TINY, "--out", str(tmp_path), "--num-prompts", str(n), "--num-images",
+    code = run.main(["shapes", "--config", TINY, "--random-weights", "--out", str(tmp_path), "--num-prompts", str(n), "--num-images",
                      "2", "--batch-size", "3"])
     assert code == 0
     report = json.loads((tmp_path / "shapes_report.json").read_text())

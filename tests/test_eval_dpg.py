@@ -30,7 +30,7 @@ def test_dpg_grids_seeds_and_resume(tmp_path):
     prompts_dir = _prompts_dir()
     prompts = dpg.read_prompts(prompts_dir, limit=3)
     out = tmp_path / "dpg"
-    argv = ["dpg", "--config", TINY, "--prompts", prompts_dir, "--out", str(out), "--limit", "3", "--batch-size",
+    argv = ["dpg", "--config", TINY, "--random-weights", "--prompts", prompts_dir, "--out", str(out), "--limit", "3", "--batch-size",
             "2", "--seed", "7"]
     assert run.main(argv) == 0
     grids = {name: np.asarray(Image.open(out / f"{name}.png")) for name, _ in prompts}

@@ -401,7 +401,8 @@ def test_eval_reconstruction_with_inception(reference, tmp_path, monkeypatch):
         return features
     monkeypatch.setattr(reconstruction, "inception_feature_fn", recording_factory)
     out = tmp_path / "out"
-    code = run.main(["reconstruction", "--config", TINY, "--dataset", "folder", "--data-dir", str(data), "--out",
+    code = run.main(["reconstruction", "--config", TINY, "--random-weights", "--dataset", "folder", "--data-dir",
+                     str(data), "--out",
                      str(out), "--batch-size", "2", "--inception", pth])
     assert code == 0
     result = json.loads((out / "reconstruction.json").read_text())
@@ -416,5 +417,6 @@ def test_eval_reconstruction_with_inception(reference, tmp_path, monkeypatch):
     assert result["fid"] > 0
     # a missing weights file fails before any work, naming the file
     with pytest.raises(SystemExit, match="nowhere.pth"):
-        run.main(["reconstruction", "--config", TINY, "--dataset", "folder", "--data-dir", str(data), "--out",
+        run.main(["reconstruction", "--config", TINY, "--random-weights", "--dataset", "folder", "--data-dir",
+                  str(data), "--out",
                   str(out), "--inception", str(tmp_path / "nowhere.pth")])

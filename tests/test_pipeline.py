@@ -234,7 +234,7 @@ def test_reconstruct_equals_reference_loop_and_depends_on_the_image(pipe, vit_vi
 
 def test_main_writes_pngs_grid_and_config(tmp_path):
     out = tmp_path / "gen"
-    code = C.main(["--config", TINY, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--num-images", "2",
+    code = C.main(["--config", TINY, "--random-weights", "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--num-images", "2",
                    "--seed", "5", "--out", str(out), "--batch-size", "2", "--config.sample.flux_steps=3"])
     assert code == 0
     pngs = sorted(p for p in os.listdir(out) if p.endswith(".png") and p != "grid.png")
@@ -249,7 +249,7 @@ def test_main_writes_pngs_grid_and_config(tmp_path):
     assert record["config"]["sample"]["flux_steps"] == 3
     assert (out / "seed.txt").read_text().strip() == "5"
     with pytest.raises(ValueError, match="no_such_key"):
-        C.main(["--config", TINY, "--prompt", "x", "--out", str(out), "--config.no_such_key=1"])
+        C.main(["--config", TINY, "--random-weights", "--prompt", "x", "--out", str(out), "--config.no_such_key=1"])
 
 
 def test_build_from_ports_and_a_training_checkpoint(pipe, tmp_path):

@@ -96,7 +96,7 @@ def test_two_processes_train_the_mllm_phase_and_resume_exactly(tmp_path):
     tx, _ = make_optimizer(config.optim, config.train.steps)
     builder = StateBuilder(phase, tx, make_mesh({"fsdp": 8}), seed=config.seed, ema=False)
     assert {x.dtype for x in jax.tree.leaves(builder.abstract_frozen)} == {np.dtype(jax.numpy.bfloat16)}
-    manager = ckpt.make_manager(ckpt.checkpoint_dir(str(run), "mllm"), keep=3)
+    manager = ckpt.make_manager(ckpt.checkpoint_dir(str(run), "mllm"))
     assert manager.all_steps() == [2, 4]
     state, _ = ckpt.restore_state(manager, builder.abstract_state, with_data=False)
     manager.close()

@@ -180,7 +180,7 @@ def test_metrics_logged_to_jsonl_and_tensorboard(trained):
 def test_checkpoint_restores_onto_other_meshes_and_rejects_mismatch(trained, tmp_path):
     config, workdir, result = trained
     saved = jax.device_get(result.state)
-    manager = ckpt.make_manager(ckpt.checkpoint_dir(workdir, "toy"), keep=2)
+    manager = ckpt.make_manager(ckpt.checkpoint_dir(workdir, "toy"))
     phase = get_phase(config)
     tx, _ = make_optimizer(config.optim, config.train.steps)
     for mesh in (make_mesh({"fsdp": 8}), single_device_mesh()):

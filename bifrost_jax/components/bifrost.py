@@ -130,7 +130,8 @@ def load_mllm(mllm: MllmComponent, abstract, shardings) -> dict:
         trained = {k: v for k, v in flat_paths(abstract).items() if mllm_is_trainable(k)}
         sub = {"params": {"mllm": traverse_util.unflatten_dict(trained)}}
         got = restore_phase_checkpoint(mllm.component.init_from, int(s.get("init_step", -1)),
-                                       {"params": ("mllm",)}, sub, {"params": {"mllm": shardings}})
+                                       {"params": ("mllm",)}, sub, {"params": {"mllm": shardings}},
+                                       s.get("init_allow_unused", ()))
         out = merge_trees(out, got["params"]["mllm"])
     return out
 

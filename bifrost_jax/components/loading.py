@@ -70,14 +70,17 @@ def restore_orbax_port(port_dir: str, kinds: tuple[str, ...], prefix: tuple[str,
     return place(got, abstract, shardings, f"{what} ({port_dir})")
 
 
-def restore_phase_checkpoint(path: str, step: int, collections: dict, abstract, shardings):
+def restore_phase_checkpoint(path: str, step: int, collections: dict, abstract, shardings, allow_unused=()):
     """``{collection: {component: tree}}`` from another phase's checkpoint (params-only, strict accounting:
-    everything asked for must be there; the checkpoint may hold other components)."""
+    everything asked for must be there, and every saved weight of those components must be used, outside the
+    section's ``init_allow_unused``; the checkpoint may hold other components)."""
 
     fs = flat_paths(shardings)
     target = {k: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=fs[k]) for k, a in flat_paths(abstract).items()
               if k[0] in collections and k[1] in collections[k[0]]}
-    restored, _ = ckpt.restore_params(path, traverse_util.unflatten_dict(target), step=step, allow_unused=((),))
+    restored, _ = ckpt.restore_params(path, traverse_util.unflatten_dict(target), step=step,
+                                      only_under=[(c, n) for c, names in collections.items() for n in names],
+                                      allow_unused=ckpt.parse_prefixes(allow_unused))
     return traverse_util.unflatten_dict(restored)
 
 def _hf_load(comp: Component, abstract, shardings, mesh):
@@ -139,7 +142,7 @@ def load_component(comp: Component, abstract_vars, shardings, collections=("para
     if comp.init_from:
         step = int(comp.section.get("init_step", -1))
         out = restore_phase_checkpoint(comp.init_from, step, {c: (comp.name,) for c in abstract}, abstract_vars,
-                                        shardings)
+                                       shardings, comp.section.get("init_allow_unused", ()))
     return out
 
 

@@ -13,6 +13,11 @@ build are skipped and counted by ``data/pipeline.py`` at read time.)
 
 Splits: ``train``, plus ``validation`` when ``validation_fraction > 0`` (chosen by a hash of the file name, so
 adding files never moves old ones between splits).
+
+Staleness: ``prepare_captions`` records what the prepared data was built from (every source file with its size
+and modification time; for a JSONL source the file itself and every image it names) in ``bifrost_source.json``
+beside the prepared files. When the source no longer matches (files added, removed or changed), the prepared data
+is rebuilt, with a message saying which files changed (``on_stale="error"`` raises instead).
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import zlib
 from typing import Iterator
 
@@ -183,3 +189,75 @@ class BifrostCaptions(tfds.core.GeneratorBasedBuilder):
 def captions_builder(data_dir: str, options: CaptionsOptions) -> BifrostCaptions:
     """The array_record builder for ``options`` under ``data_dir`` (call ``download_and_prepare()``)."""
     return BifrostCaptions(data_dir=data_dir, config=CaptionsConfig(options), file_format="array_record")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# what a prepared dataset was built from
+
+FINGERPRINT_FILE = "bifrost_source.json"
+
+
+def source_fingerprint(source: str) -> dict[str, list[int]]:
+    """``{file: [size, mtime_ns]}`` of everything the build reads: every file under a folder source, or a JSONL
+    file and the images it names."""
+    if os.path.isdir(source):
+        paths = [os.path.join(root, f) for root, _, files in os.walk(source) for f in files]
+        names = {os.path.relpath(p, source): p for p in paths}
+    elif os.path.isfile(source):
+        names = {os.path.basename(source): source}
+        names.update({name: path for name, path, _ in list_pairs(source, {})})
+    else:
+        raise FileNotFoundError(f"captions source {source!r} is neither a folder nor a .jsonl file")
+    out = {}
+    for name, path in sorted(names.items()):
+        try:
+            st = os.stat(path)
+            out[name] = [st.st_size, st.st_mtime_ns]
+        except OSError:
+            out[name] = [-1, -1]  # named but unreadable: recorded so that its repair counts as a change
+    return out
+
+
+def fingerprint_changes(old: dict, new: dict) -> str:
+    """A short description of the differences between two fingerprints."""
+    added = sorted(set(new) - set(old))
+    removed = sorted(set(old) - set(new))
+    changed = sorted(k for k in set(old) & set(new) if list(old[k]) != list(new[k]))
+    parts = []
+    for what, names in (("added", added), ("removed", removed), ("changed", changed)):
+        if names:
+            parts.append(f"{len(names)} {what} ({', '.join(names[:10])}{' ...' if len(names) > 10 else ''})")
+    return "; ".join(parts) or "no file differs"
+
+
+def prepare_captions(data_dir: str, options: CaptionsOptions, *, on_stale: str = "rebuild",
+                     report=print) -> BifrostCaptions:
+    """The prepared builder for ``options`` under ``data_dir``: built on first use, and rebuilt (or, with
+    ``on_stale="error"``, refused) when its source changed since (see the module docstring)."""
+    if on_stale not in ("rebuild", "error"):
+        raise ValueError(f"on_stale={on_stale!r}: use 'rebuild' or 'error'")
+    builder = captions_builder(data_dir, options)
+    current = source_fingerprint(options.source)
+    record = os.path.join(builder.data_dir, FINGERPRINT_FILE)
+    if os.path.exists(os.path.join(builder.data_dir, "dataset_info.json")):
+        try:
+            with open(record) as fh:
+                saved = json.load(fh)["files"]
+        except (OSError, ValueError, KeyError):
+            saved = None
+        if saved != current:
+            why = ("it records no source (built by an older version)" if saved is None
+                   else f"its source {options.source} changed: {fingerprint_changes(saved, current)}")
+            if on_stale == "error":
+                raise ValueError(f"prepared captions dataset {builder.data_dir} is stale: {why}; delete it to "
+                                 f"rebuild")
+            report(f"prepared captions dataset {builder.data_dir} is stale ({why}): rebuilding it")
+            shutil.rmtree(builder.data_dir)
+            builder = captions_builder(data_dir, options)
+    builder.download_and_prepare()
+    if not os.path.exists(record):
+        tmp = record + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump({"source": os.path.abspath(options.source), "files": current}, fh)
+        os.replace(tmp, record)
+    return builder

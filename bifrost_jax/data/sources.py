@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bifrost_jax.data import shapes
-from bifrost_jax.data.captions import CaptionsOptions, captions_builder
+from bifrost_jax.data.captions import CaptionsOptions, prepare_captions
 from bifrost_jax.data.imagenet import ImageNetSource
 from bifrost_jax.data.latent_cache import check_cache
 from bifrost_jax.data.pipeline import make_train_iterator
@@ -32,8 +32,7 @@ def image_source(data):
                                        layout=data.shapes_layout, jitter=float(data.shapes_jitter))
         return shapes.load_shapes(data.data_dir, "train", options)
     if data.source == "captions":
-        builder = captions_builder(data.data_dir, CaptionsOptions(source=data.captions_source))
-        builder.download_and_prepare()
+        builder = prepare_captions(data.data_dir, CaptionsOptions(source=data.captions_source))  # rebuilt if stale
         return builder.as_data_source("train")
     if data.source == "imagenet":
         return ImageNetSource(data.data_dir, "train", class_names_file=data.class_names_file or None)

@@ -1,4 +1,4 @@
-"""GenEval image generation, sharded over hosts and resumable (docs/design.md §10.1).
+"""GenEval image generation, sharded over hosts and resumable (spec 10.1).
 
 Layout (what GenEval's ``evaluate_images.py`` reads), for prompt ``index`` of ``evaluation_metadata.jsonl``::
 
@@ -17,18 +17,25 @@ Each host appends the indices it generated to ``OUT/.geneval_log/process_<i>.jso
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 import time
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
+from tqdm import tqdm
 
+from bifrost_jax.configs import flatten_dotted
+from bifrost_jax.data.preprocess import CorruptImageError, decode_image
 from bifrost_jax.sample.images import make_grid, save_png
 
 GenerateFn = Callable[[Sequence[str], int, int], np.ndarray]  # (prompts, num_images, seed) -> uint8 (P*K, H, W, 3)
 LOG_DIR = ".geneval_log"
+SETTINGS_FILE = "run_settings.json"
 
 
 def read_prompts(path: str, limit: Optional[int] = None) -> list[tuple[str, dict]]:
@@ -61,10 +68,47 @@ def sample_path(out: str, index: int, i: int) -> str:
     return os.path.join(prompt_dir(out, index), "samples", f"{i:04d}.png")
 
 
+def decodable(path: str) -> bool:
+    """The file exists and decodes completely as an image."""
+    try:
+        with open(path, "rb") as fh:
+            decode_image(fh.read(), name=path)
+        return True
+    except (OSError, CorruptImageError):
+        return False
+
+
 def is_finished(out: str, index: int, num_images: int) -> bool:
-    """All samples and (written last) the metadata file exist."""
+    """All samples and (written last) the metadata file exist, and every sample decodes."""
     return (os.path.isfile(os.path.join(prompt_dir(out, index), "metadata.jsonl"))
-            and all(os.path.isfile(sample_path(out, index, i)) for i in range(num_images)))
+            and all(decodable(sample_path(out, index, i)) for i in range(num_images)))
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_run_settings(out: str, settings: Mapping[str, Any], write: bool = True) -> None:
+    """Refuse (``ValueError`` naming every differing key with both values) to continue an output folder made
+    with other settings; record ``settings`` in a new folder (``write``: this process writes the file)."""
+    path = os.path.join(out, SETTINGS_FILE)
+    current = json.loads(json.dumps(settings))
+    if os.path.isfile(path):
+        with open(path) as fh:
+            saved = json.load(fh)
+        a, b = flatten_dotted(saved), flatten_dotted(current)
+        diffs = [f"{k}: folder {a.get(k, '<absent>')!r}, now {b.get(k, '<absent>')!r}"
+                 for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        if diffs:
+            raise ValueError(f"{out} holds samples generated with other settings; continuing would mix two runs:"
+                             f"\n  " + "\n  ".join(diffs) + "\nUse another --out, or the same settings.")
+        return
+    if write:
+        write_text_atomic(path, json.dumps(current, indent=2, sort_keys=True) + "\n")
 
 
 def write_text_atomic(path: str, text: str) -> None:
@@ -87,9 +131,7 @@ def write_prompt(out: str, index: int, metadata_line: str, images: np.ndarray, g
 
 def barrier(name: str) -> None:
     """Wait for every host (no-op on one)."""
-    import jax
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
 
 
@@ -116,7 +158,6 @@ def generate_assigned(label: str, count: int, out: str, *, is_finished: Callable
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
     if progress:
-        from tqdm import tqdm
         batches = tqdm(batches, desc=f"{label}[{process_index}]", unit="batch")
     done = []
     k = images_per_prompt
@@ -133,8 +174,10 @@ def generate_assigned(label: str, count: int, out: str, *, is_finished: Callable
 
 def run_geneval(generate_fn: GenerateFn, prompts: Sequence[tuple[str, dict]], out: str, *, num_images: int,
                 batch_size: int, seed: int, process_index: int = 0, process_count: int = 1, grid: bool = True,
-                progress: bool = True) -> list[int]:
-    """Generate this host's unfinished prompts; returns the indices generated now."""
+                progress: bool = True, settings: Optional[Mapping[str, Any]] = None) -> list[int]:
+    """Generate this host's unfinished prompts; returns the indices generated now. ``settings`` (recorded and
+    checked with ``check_run_settings``) default to the seed and the image count."""
+    check_run_settings(out, dict(settings or {}, seed=seed, num_images=num_images), write=process_index == 0)
     return generate_assigned(
         "geneval", len(prompts), out, is_finished=lambda i: is_finished(out, i, num_images),
         generate=lambda idx: generate_fn([prompts[i][1]["prompt"] for i in idx], num_images, seed),

@@ -8,14 +8,16 @@ multi-host runs start ``jax.distributed`` from the environment as ``bifrost trai
 see ``launch/local_multiprocess.py``). The only cross-host communication is the final all-reduce of the metric sums
 (and a barrier), so hosts never wait on each other while generating.
 
-    bifrost eval geneval (--checkpoint WORKDIR | --config CFG) --prompts evaluation_metadata.jsonl --out DIR
-        [--num-images 4] [--batch-size 4] [--limit N] [--seed S]
-    bifrost eval dpg (--checkpoint WORKDIR | --config CFG) --prompts DPG_PROMPTS_DIR --out DIR [--batch-size 4]
-        [--limit N] [--seed S]          (eval/dpg.py: <name>.png 2x2 grids without padding)
+    bifrost eval geneval (--checkpoint WORKDIR | --config CFG [--random-weights]) --prompts evaluation_metadata.jsonl
+        --out DIR [--num-images 4] [--batch-size 4] [--limit N] [--seed S]
+    bifrost eval dpg (--checkpoint WORKDIR | --config CFG [--random-weights]) --prompts DPG_PROMPTS_DIR --out DIR
+        [--batch-size 4] [--limit N] [--seed S]          (eval/dpg.py: <name>.png 2x2 grids without padding)
     bifrost eval understanding --checkpoint CKPT --data BENCH.tsv [--data ...] --out DIR   (its own --help)
-    bifrost eval reconstruction (--checkpoint WORKDIR | --config CFG) --dataset shapes|folder --data-dir DIR
-        [--split validation] [--limit N] [--batch-size 4] [--use-captions] [--inception WEIGHTS] --out DIR
-    bifrost eval shapes (--checkpoint WORKDIR | --config CFG) --out DIR [--num-prompts 200] [--num-images 4]
+    bifrost eval reconstruction (--checkpoint WORKDIR | --config CFG [--random-weights]) --dataset shapes|folder
+        --data-dir DIR [--split validation] [--limit N] [--batch-size 4] [--use-captions] [--inception WEIGHTS]
+        --out DIR
+    bifrost eval shapes (--checkpoint WORKDIR | --config CFG [--random-weights]) --out DIR [--num-prompts 200]
+        [--num-images 4]
 
 FID: ``eval reconstruction --inception WEIGHTS`` also reports the FID between the reconstructions and the originals
 (at the output size), with pytorch-fid's Inception-v3: WEIGHTS is the user's pytorch-fid weights file
@@ -36,12 +38,13 @@ import numpy as np
 from bifrost_jax.data.pipeline import make_eval_iterator
 from bifrost_jax.data.shapes import HELD_OUT_PAIRS, SceneSpec, ShapesOptions, load_shapes, make_example
 from bifrost_jax.eval import dpg, understanding
-from bifrost_jax.eval.geneval import barrier, missing_prompts, read_prompts, run_geneval
+from bifrost_jax.configs import positive_int
+from bifrost_jax.eval.geneval import barrier, file_sha256, missing_prompts, read_prompts, run_geneval
 from bifrost_jax.eval.reconstruction import (all_reduce_sum, evaluate_reconstruction, folder_source,
                                              inception_feature_fn, make_preprocess)
 from bifrost_jax.parallel.mesh import maybe_initialize_distributed
 from bifrost_jax.sample.images import save_png
-from bifrost_jax.train.export import load_pipeline
+from bifrost_jax.train.export import WeightsError, load_pipeline
 from bifrost_jax.eval.shapes_checker import (ATTRIBUTES, CheckerConfig, ShapesReport, chance_levels, check_image)
 
 MODES = ("geneval", "dpg", "reconstruction", "shapes", "understanding")
@@ -102,13 +105,15 @@ def _parser(mode: str) -> argparse.ArgumentParser:
                                 description=__doc__.split("\n\n")[0] + " Also takes --config FILE and "
                                             "--config.KEY=VALUE overrides (schema: bifrost generate --help).")
     p.add_argument("--checkpoint", default=None, help="a trained WORKDIR (without --config: its recorded configs)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="allow config components with no weight source (port_dir / init_from): random weights")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--batch-size", type=int, default=4, help="prompts (images) per host per generation call")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="prompts (images) per host per generation call")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: config.sample.seed)")
     if mode == "geneval":
         p.add_argument("--prompts", required=True, help="GenEval evaluation_metadata.jsonl")
-        p.add_argument("--num-images", type=int, default=None, help="samples per prompt (default: config)")
-        p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+        p.add_argument("--num-images", type=positive_int, default=None, help="samples per prompt (default: config)")
+        p.add_argument("--limit", type=positive_int, default=None, help="only the first N prompts")
         p.add_argument("--no-grid", action="store_true", help="do not write grid.png per prompt")
     elif mode == "dpg":
         p.add_argument("--prompts", required=True, help="folder of DPG-Bench <name>.txt prompt files")
@@ -118,14 +123,14 @@ def _parser(mode: str) -> argparse.ArgumentParser:
         p.add_argument("--data-dir", required=True, help="TFDS data_dir (shapes) or a directory of images (folder)")
         p.add_argument("--split", default="validation", help="shapes split (train | validation | test)")
         p.add_argument("--shapes-options", default="{}", help="JSON of data.shapes.ShapesOptions fields")
-        p.add_argument("--limit", type=int, default=None, help="only the first N images")
+        p.add_argument("--limit", type=positive_int, default=None, help="only the first N images")
         p.add_argument("--use-captions", action="store_true", help="FLUX text = the captions (default: empty)")
         p.add_argument("--inception", default=None,
                        help="pytorch-fid's Inception-v3 weights (pt_inception-2015-12-05-6726825d.pth or a "
                             ".safetensors with its keys): also compute FID")
     else:
-        p.add_argument("--num-prompts", type=int, default=200, help="held-out (test split) prompts to score")
-        p.add_argument("--num-images", type=int, default=None, help="samples per prompt (default: config)")
+        p.add_argument("--num-prompts", type=positive_int, default=200, help="held-out (test split) prompts to score")
+        p.add_argument("--num-images", type=positive_int, default=None, help="samples per prompt (default: config)")
         p.add_argument("--shapes-options", default="{}", help="JSON of data.shapes.ShapesOptions fields")
         p.add_argument("--save-images", action="store_true", help="also write the generated images")
     return p
@@ -155,6 +160,7 @@ class _Limited:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in MODES:
+        print(f"usage: bifrost eval {{{'|'.join(MODES)}}} ... (bifrost eval MODE --help: that mode's options)\n")
         print(__doc__)
         if argv and argv[0] not in ("-h", "--help"):
             print(f"bifrost eval: unknown mode {argv[0]!r}; modes: {', '.join(MODES)}", file=sys.stderr)
@@ -163,13 +169,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     mode = argv[0]
     if mode == "understanding":  # no image pipeline: its own flags
         return understanding.main(argv[1:])
-    args, rest = _parser(mode).parse_known_args(argv[1:])
+    parser = _parser(mode)
+    args, rest = parser.parse_known_args(argv[1:])
     if mode == "reconstruction" and args.inception and not os.path.exists(args.inception):
         raise SystemExit(f"bifrost eval reconstruction: --inception {args.inception}: no such file (pytorch-fid's "
                          "pt_inception-2015-12-05-6726825d.pth, or a .safetensors with the same keys)")
 
     maybe_initialize_distributed()
-    pipe, _ = load_pipeline(rest, args.checkpoint)
+    try:
+        pipe, config = load_pipeline(rest, args.checkpoint, random_weights=args.random_weights)
+    except (WeightsError, FileNotFoundError) as e:
+        parser.error(str(e))
     seed = pipe.options.seed if args.seed is None else args.seed
     pi, pc = jax.process_index(), jax.process_count()
 
@@ -179,8 +189,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if mode == "geneval":
         prompts = read_prompts(args.prompts, args.limit)
         k = pipe.options.num_images_per_prompt if args.num_images is None else args.num_images
+        settings = {"prompts_sha256": file_sha256(args.prompts), "checkpoint": os.path.abspath(args.checkpoint)
+                    if args.checkpoint else None, "random_weights": args.random_weights,
+                    "config": ({k_: v for k_, v in json.loads(config.to_json()).items() if k_ != "mesh"}
+                               if config is not None else None)}
         done = run_geneval(generate, prompts, args.out, num_images=k, batch_size=args.batch_size, seed=seed,
-                           process_index=pi, process_count=pc, grid=not args.no_grid)
+                           process_index=pi, process_count=pc, grid=not args.no_grid, settings=settings)
         print(f"geneval: process {pi} generated {len(done)} prompts")
         barrier("bifrost_eval_geneval_done")
         missing = missing_prompts(args.out, len(prompts), k)

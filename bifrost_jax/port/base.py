@@ -53,6 +53,7 @@ class SafetensorsReader:
         files = self._resolve_files(path, prefix)
         for f in files:
             header, start = _read_header(f)
+            _check_extents(f, header, start)
             self._headers[f] = (header, start)
             for k in header:
                 if k == "__metadata__":
@@ -65,10 +66,15 @@ class SafetensorsReader:
     def _resolve_files(path: str, prefix: str | None) -> list[str]:
         if os.path.isfile(path):
             if path.endswith(".index.json"):
-                with open(path) as fh:
-                    index = json.load(fh)
+                index = read_json(path)
+                if not isinstance(index.get("weight_map"), dict):
+                    raise PortError(f"{path}: no 'weight_map' in this safetensors index")
                 base = os.path.dirname(path)
-                return sorted({os.path.join(base, f) for f in index["weight_map"].values()})
+                files = sorted({os.path.join(base, f) for f in index["weight_map"].values()})
+                absent = [f for f in files if not os.path.isfile(f)]
+                if absent:
+                    raise PortError(f"{path}: the index names shard file(s) that do not exist: {absent}")
+                return files
             return [path]
         if not os.path.isdir(path):
             raise FileNotFoundError(f"checkpoint path {path!r} does not exist")
@@ -94,6 +100,13 @@ class SafetensorsReader:
         header, _ = self._headers[self._where[key]]
         return tuple(header[key]["shape"])
 
+    def dtype(self, key: str) -> np.dtype:
+        header, _ = self._headers[self._where[key]]
+        return np.dtype(_ST_DTYPES[header[key]["dtype"]])
+
+    def file_of(self, key: str) -> str:
+        return self._where[key]
+
     def get(self, key: str) -> np.ndarray:
         f = self._where[key]
         header, start = self._headers[f]
@@ -101,21 +114,59 @@ class SafetensorsReader:
         dtype = np.dtype(_ST_DTYPES[info["dtype"]])
         begin, end = info["data_offsets"]
         count = (end - begin) // dtype.itemsize
-        mm = np.memmap(f, dtype=np.uint8, mode="r", offset=start + begin, shape=(end - begin,))
-        return np.frombuffer(mm, dtype=dtype, count=count).reshape(info["shape"])
+        try:
+            mm = np.memmap(f, dtype=np.uint8, mode="r", offset=start + begin, shape=(end - begin,))
+            return np.frombuffer(mm, dtype=dtype, count=count).reshape(info["shape"])
+        except (OSError, ValueError) as e:
+            raise PortError(f"{f}: cannot read tensor {key!r} ({type(e).__name__}: {e})") from None
 
 
 def _read_header(path: str) -> tuple[dict, int]:
-    with open(path, "rb") as fh:
-        raw = fh.read(8)
-        if len(raw) != 8:
-            raise PortError(f"{path}: not a safetensors file (truncated header)")
-        (n,) = struct.unpack("<Q", raw)
-        try:
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(8)
+            if len(raw) != 8:
+                raise PortError(f"{path}: not a safetensors file (truncated header)")
+            (n,) = struct.unpack("<Q", raw)
+            size = os.fstat(fh.fileno()).st_size
+            if 8 + n > size:
+                raise PortError(f"{path}: truncated safetensors file: the header claims {n} bytes, the file has "
+                                f"{size} in all")
             header = json.loads(fh.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise PortError(f"{path}: not a safetensors file ({e})") from None
+    except OSError as e:
+        raise PortError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PortError(f"{path}: not a safetensors file ({e})") from None
+    if not isinstance(header, dict):
+        raise PortError(f"{path}: not a safetensors file (the header is not a JSON object)")
     return header, 8 + n
+
+
+def _check_extents(path: str, header: dict, start: int) -> None:
+    """Every tensor's dtype is known and its bytes lie inside the file: a truncated or damaged file is named with
+    the tensors it cuts off, before anything is read."""
+    size = os.path.getsize(path)
+    problems, cut = [], []
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            code, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            problems.append(f"tensor {key!r}: malformed header entry {info!r}")
+            continue
+        if code not in _ST_DTYPES:
+            problems.append(f"tensor {key!r}: unknown dtype {code!r} (known: {sorted(_ST_DTYPES)})")
+            continue
+        if end - begin != int(np.prod(shape)) * np.dtype(_ST_DTYPES[code]).itemsize or begin < 0:
+            problems.append(f"tensor {key!r}: {end - begin} bytes for shape {list(shape)} of {code}")
+        elif start + end > size:
+            cut.append(key)
+    if cut:
+        problems.append(f"truncated: the file has {size} bytes, {len(cut)} tensor(s) end past it: {sorted(cut)[:10]}"
+                        + (" ..." if len(cut) > 10 else ""))
+    if problems:
+        raise PortError(f"{path}: damaged safetensors file:\n  - " + "\n  - ".join(problems))
 
 
 def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None):
@@ -267,6 +318,24 @@ def check_key_map(key_map: KeyMap, expected: Mapping[Path, Any], available: Mapp
         raise PortError(f"{what}: checkpoint does not match the model:\n  - " + "\n  - ".join(problems))
 
 
+def check_weight_dtypes(key_map: KeyMap, expected: Mapping[Path, Any], dtype_of: Callable[[str], np.dtype],
+                        what: str, file_of: Callable[[str], str] | None = None) -> None:
+    """Raise one PortError naming every checkpoint tensor (and its file) whose dtype cannot be the expected leaf:
+    an integer or boolean tensor where a floating weight is expected is never cast silently (integer leaves, such
+    as BatchNorm's ``num_batches_tracked`` counter, take integers)."""
+    bad = []
+    for path, source in sorted(key_map.items()):
+        if path not in expected or not jnp.issubdtype(getattr(expected[path], "dtype", jnp.float32), jnp.floating):
+            continue
+        for k in source.keys:
+            got = np.dtype(dtype_of(k))
+            if got.kind in "iub":  # (bfloat16 and float8 are ml_dtypes kinds, not np.floating: weights all the same)
+                where = f" in {file_of(k)}" if file_of else ""
+                bad.append(f"{k}{where}: dtype {got}, but {_fmt(path)} is a floating-point weight")
+    if bad:
+        raise PortError(f"{what}: tensors that cannot be weights ({len(bad)}):\n  - " + "\n  - ".join(bad))
+
+
 def load_mapped(reader, key_map: KeyMap, expected_params, *, dtype=jnp.float32, shardings=None, what: str = "",
                 ignore_unused: Callable[[str], bool] | None = None):
     """Params tree with exactly the structure of ``expected_params`` (arrays or ShapeDtypeStructs), filled from
@@ -276,10 +345,13 @@ def load_mapped(reader, key_map: KeyMap, expected_params, *, dtype=jnp.float32, 
     if isinstance(reader, Mapping):
         available = {k: tuple(np.shape(v)) for k, v in reader.items()}
         get = lambda k: np.asarray(reader[k])  # noqa: E731
+        dtype_of = lambda k: np.asarray(reader[k]).dtype  # noqa: E731
     else:
         available = {k: reader.shape(k) for k in reader.keys()}
-        get = reader.get
-    check_key_map(key_map, expected, available, what or getattr(reader, "path", "checkpoint"), ignore_unused)
+        get, dtype_of = reader.get, reader.dtype
+    what = what or getattr(reader, "path", "checkpoint")
+    check_key_map(key_map, expected, available, what, ignore_unused)
+    check_weight_dtypes(key_map, expected, dtype_of, what, file_of=getattr(reader, "file_of", None))
     flat_shardings = flatten(shardings) if shardings is not None else {}
     np_dtype = np.dtype(dtype) if not isinstance(dtype, np.dtype) else dtype
     out = {}
@@ -317,8 +389,11 @@ def export_mapped(params, key_map: KeyMap, dtype=np.float32) -> dict[str, np.nda
 def read_json(path: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found (a diffusers/transformers directory needs a config.json)")
-    with open(path) as fh:
-        return json.load(fh)
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, ValueError) as e:
+        raise PortError(f"{path}: cannot read it as JSON ({type(e).__name__}: {e})") from None
 
 
 def write_json(path: str, obj: Mapping) -> None:

@@ -147,6 +147,14 @@ class _TwoReaders:
         reader, k = self._pick(key)
         return reader.shape(k)
 
+    def dtype(self, key):
+        reader, k = self._pick(key)
+        return reader.dtype(k)
+
+    def file_of(self, key):
+        reader, k = self._pick(key)
+        return reader.file_of(k)
+
     def get(self, key):
         reader, k = self._pick(key)
         return reader.get(k)

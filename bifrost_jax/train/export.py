@@ -30,7 +30,7 @@ from bifrost_jax.data.prompt import load_tokenizer
 from bifrost_jax.data.sources import word_tokenizer_dir
 from bifrost_jax.data.tokenizers import PaddedTokenizer
 from bifrost_jax.parallel.multislice import mesh_from_config
-from bifrost_jax.sample.build import build_pipeline
+from bifrost_jax.sample.build import COMPONENTS, build_pipeline
 from bifrost_jax.sample.pipeline import BifrostPipeline, FluxTextEncoder, SamplingOptions
 from bifrost_jax.train import checkpoint as ckpt
 from bifrost_jax.train.loop import initial_frozen
@@ -117,10 +117,26 @@ def has_config_flag(argv) -> bool:
     return any(a == "--config" or a.startswith("--config=") for a in argv)
 
 
-def load_pipeline(config_argv, checkpoint: Optional[str]):
+class WeightsError(ValueError):
+    """A generation config whose components would have random weights without ``--random-weights``."""
+
+
+def random_components(config) -> list[str]:
+    """The components of a generation config with no weight source (neither ``port_dir`` nor ``init_from``; the
+    vision tower also takes the mllm's ``port_dir``): what would be random."""
+    def sourced(section):
+        return bool(section.get("port_dir", "") or section.get("init_from", ""))
+    out = [n for n in COMPONENTS if n in config and n != "vision" and not sourced(config[n])]
+    if "vision" in config and not (sourced(config.vision) or config.mllm.get("port_dir", "")):
+        out.append("vision")
+    return out
+
+
+def load_pipeline(config_argv, checkpoint: Optional[str], *, random_weights: bool = False):
     """The pipeline a command line asks for: the trained workdir ``checkpoint`` (the configs its phases recorded),
     or ``--config FILE [--config.KEY=VALUE ...]`` (a generation config whose sections name their weights: a
-    workdir's phases through ``init_from``). Returns ``(pipeline, config or None)``."""
+    workdir's phases through ``init_from``). Random weights only when asked for by name: a config component with no
+    weight source is an error (``WeightsError``) unless ``random_weights``. Returns ``(pipeline, config or None)``."""
     argv = list(config_argv)
     if has_config_flag(argv):
         if checkpoint:
@@ -128,6 +144,12 @@ def load_pipeline(config_argv, checkpoint: Optional[str]):
                              "(config.<component>.port_dir / init_from=WORKDIR/<phase>/checkpoints); give "
                              "--checkpoint WORKDIR alone to use a trained workdir as it is")
         config, _ = parse_config_flags(argv)
+        random = random_components(config)
+        if random and not random_weights:
+            raise WeightsError(f"component(s) {random} of this config have no weights (no port_dir / init_from): "
+                               "pass --random-weights to use random weights anyway, or --checkpoint WORKDIR")
+        if random:
+            print(f"using RANDOM weights for {random} (--random-weights)")
         return build_pipeline(config), config
     if argv:
         raise ValueError(f"unexpected arguments {argv} (config overrides need --config FILE)")

@@ -10,6 +10,12 @@ Preemption: SIGTERM (single process) or a JAX preemption sync point (multi-host,
 SIGTERM) saves a checkpoint at the current step, waits for it to commit, and returns; ``main`` then exits with
 code 0 (``PREEMPTED_EXIT_CODE``). Rerunning the same command resumes.
 
+Faults (README "What happens when things go wrong"): the config is validated first (``validate.py``), the phase
+directory is locked (``workdir_lock.py``), a resume takes the newest intact checkpoint and checks the config
+(``resume.py``, ``integrity.py``), non-finite steps are skipped in the step and stop the run after
+``train.max_bad_steps`` (``guard.py``), and asynchronous saves are watched every step (``save_tracker.py``).
+``main`` turns these stops into a message and an exit code (see ``USAGE``).
+
 Multi-host: ``main`` calls ``jax.distributed.initialize`` when BIFROST_COORDINATOR (explicit coordinator, e.g.
 ``launch/local_multiprocess.py``) or BIFROST_DISTRIBUTED=1 (auto-detected TPU pod / SLURM environment) is set.
 Every host reads its own shard of the data and feeds its rows of the global batch. At the end every process prints
@@ -39,10 +45,16 @@ from bifrost_jax.parallel.mesh import maybe_initialize_distributed
 from bifrost_jax.parallel.multislice import mesh_from_config
 from bifrost_jax.parallel.rules import axis_rules
 from bifrost_jax.train import checkpoint as ckpt
+from bifrost_jax.train import guard
+from bifrost_jax.train.integrity import CheckpointDamagedError, nonfinite_paths
 from bifrost_jax.train.logging import MetricsLogger, step_flops
 from bifrost_jax.train.registry import get_phase
+from bifrost_jax.train.resume import resume
+from bifrost_jax.train.save_tracker import SaveTracker
 from bifrost_jax.train.state import (StateBuilder, TrainState, global_batch, jit_train_step, make_optimizer,
                                      make_train_step, merge_params)
+from bifrost_jax.train.validate import ConfigError, keep_count, validate_train_config
+from bifrost_jax.train.workdir_lock import WorkdirLock
 
 PREEMPTED_EXIT_CODE = 0
 
@@ -68,11 +80,50 @@ def parse_train_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, st
     return config, extra["workdir"]
 
 
+USAGE = """usage: bifrost train --config FILE --workdir DIR [--config.KEY=VALUE ...]
+
+Train the phase of an ml_collections config file (configs/*.py; its docstring says what it trains). Checkpoints
+and metrics go to DIR/<phase>/; rerunning the same command resumes from the newest intact checkpoint.
+
+  --config FILE            a get_config() file, e.g. configs/toy.py
+  --workdir DIR            the run directory (locked while a run uses it)
+  --config.KEY=VALUE       override a config value, e.g. --config.optim.lr=1e-4 (unknown keys are errors)
+
+With --config, --help also prints that config's keys and values. Exit codes: 0 done or preempted (saved),
+2 bad config or a config that does not match the checkpoint, 3 non-finite steps, 4 a checkpoint save failed,
+5 the workdir is locked by another run, 6 no intact checkpoint to resume from."""
+
+
+def _help(argv: Sequence[str]) -> int:
+    print(USAGE)
+    if "--config" in argv or any(a.startswith("--config=") for a in argv):
+        try:
+            config, _ = parse_config_flags([a for a in argv if a not in ("-h", "--help")],
+                                           extra_string_flags=("workdir",))
+            print("\nconfig:\n" + str(config))
+        except ValueError as e:
+            print(f"\n(cannot show the config: {e})")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    config, workdir = parse_train_args(argv)
-    maybe_initialize_distributed()
-    result = train(config, workdir)
+    if "-h" in argv or "--help" in argv:
+        return _help(argv)
+    try:
+        config, workdir = parse_train_args(argv)
+        validate_train_config(config)
+        maybe_initialize_distributed()
+        result = train(config, workdir)
+    except guard.TrainingStopped as e:
+        print(f"bifrost train: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    except CheckpointDamagedError as e:
+        print(f"bifrost train: {e}", file=sys.stderr, flush=True)
+        return guard.EXIT_NO_INTACT_CHECKPOINT
+    except (ConfigError, ckpt.CheckpointMismatchError) as e:
+        print(f"bifrost train: {e}", file=sys.stderr, flush=True)
+        return 2
     return PREEMPTED_EXIT_CODE if result.preempted else 0
 
 
@@ -208,33 +259,57 @@ def _check_batch(config, mesh):
         raise ValueError(f"micro-batch of {b // k} rows does not shard over data*fsdp={rows} devices")
 
 
+def _say(text: str) -> None:
+    if jax.process_index() == 0:
+        print(text, flush=True)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, *, progress_bar: bool = True) -> TrainResult:
-    """Train ``config.phase`` up to ``config.train.steps``, resuming from ``workdir/<phase>/checkpoints``."""
+    """Train ``config.phase`` up to ``config.train.steps``, resuming from ``workdir/<phase>/checkpoints``.
+
+    Every config value is validated first (``validate.py``); the phase directory is locked for the run
+    (``workdir_lock.py``). Raises ``guard.TrainingStopped`` subclasses for the stops of ``README`` "What happens
+    when things go wrong" (non-finite steps, failed saves, a locked workdir)."""
+    validate_train_config(config)
     phase = get_phase(config)
+    run_dir = os.path.join(os.path.abspath(workdir), phase.name)
+    lock = WorkdirLock(run_dir, jax.process_index()).acquire(report=_say)
+    try:
+        return _train_locked(config, phase, run_dir, workdir, lock, progress_bar)
+    finally:
+        lock.release()
+
+
+def _train_locked(config, phase, run_dir: str, workdir: str, lock: WorkdirLock, progress_bar: bool) -> TrainResult:
     mesh = mesh_from_config(dict(config.mesh))
     _check_batch(config, mesh)
     batch_size, total = config.train.batch_size, config.train.steps
+    max_bad = int(config.train.max_bad_steps)
     tx, schedule = make_optimizer(config.optim, total)
     ema_decay = float(config.optim.ema_decay)
     builder = StateBuilder(phase, tx, mesh, seed=config.seed, ema=ema_decay > 0,
                            frozen_dtype=config.train.get("frozen_param_dtype", ""))
-    run_dir = os.path.join(os.path.abspath(workdir), phase.name)
-    manager = ckpt.make_manager(ckpt.checkpoint_dir(workdir, phase.name), keep=config.checkpoint.keep,
-                                async_save=config.checkpoint.async_save)
+    manager = ckpt.make_manager(ckpt.checkpoint_dir(workdir, phase.name), async_save=config.checkpoint.async_save)
     data_iter = phase.dataset(global_batch_size=batch_size, seed=config.seed, process_index=jax.process_index(),
                               process_count=jax.process_count())
 
-    resumed_from = manager.latest_step()
-    if resumed_from is not None:
-        state, data_state = ckpt.restore_state(manager, builder.abstract_state)
+    resumed_from = None
+    if ckpt.committed_steps(manager):
+        state, data_state, resumed_from = resume(manager, builder.abstract_state, config, run_dir, report=_say)
         if data_state is not None:
             restore_iterator(data_iter, data_state)
         frozen = initial_frozen(builder, phase, config)
     else:
         state, frozen = initial_state(builder, phase, config)
+    bad = nonfinite_paths({"state": state, "frozen": frozen})
+    if bad:
+        manager.close()
+        raise guard.NonFiniteError(f"the {'restored' if resumed_from is not None else 'initial'} weights hold "
+                                   f"non-finite values, training on them is pointless: {bad[:20]}"
+                                   + (f" (+{len(bad) - 20} more)" if len(bad) > 20 else ""))
 
     step_fn = jit_train_step(make_train_step(phase, tx, schedule, grad_accum_steps=config.train.grad_accum_steps,
-                                             ema_decay=ema_decay), builder, batch_size)
+                                             ema_decay=ema_decay, max_bad_steps=max_bad), builder, batch_size)
     abstract_batch = builder.abstract_batch(batch_size)
     with axis_rules(mesh):
         compiled = step_fn.lower(builder.abstract_state, builder.abstract_frozen, abstract_batch).compile()
@@ -253,26 +328,45 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress_bar: bool
     logger.message(flops.summary())
 
     watcher = PreemptionWatcher()
+    tracker = SaveTracker(manager, keep=keep_count(config), report=logger.message)
     preempted, last = False, {}
     every, log_every = config.checkpoint.every, config.train.log_every
+
+    def save_now() -> int:
+        return ckpt.save_state(manager, state, data_state=json.loads(iterator_state(data_iter)), config=config)
+
     try:
         logger.restart_clock(step)
         while step < total:
+            lock.check()
             batch = global_batch(next(data_iter), abstract_batch)
             state, metrics = compiled(state, frozen, batch)
             step += 1
-            if step % log_every == 0 or step == total:
+            log_step = step % log_every == 0 or step == total
+            if log_step:
                 last = logger.log(step, metrics)
             preempted = watcher.reached(step, manager)
-            if step % every == 0 or step == total or preempted:
-                ckpt.save_state(manager, state, data_state=json.loads(iterator_state(data_iter)), config=config)
+            save_step = step % every == 0 or step == total or preempted
+            if log_step or save_step:  # the streak counters are read where the host waits for the device anyway
+                stop, bad_steps, bad_since = guard.tripped(state, max_bad)
+                if stop:
+                    tracker.finish()
+                    raise guard.NonFiniteError(guard.non_finite_message(step, bad_steps, bad_since,
+                                                                        tracker.describe_last()))
+            tracker.poll(step, when="save" if save_step else "log" if log_step else "step", retry=save_now)
+            if save_step:
+                tracker.save(save_now)
             if preempted:
-                logger.message(f"preempted: checkpoint saved at step {step}; rerun the command to resume")
+                saved = tracker.finish()
+                logger.message(f"preempted: checkpoint saved at step {saved}; rerun the command to resume")
                 break
-        manager.wait_until_finished()
+        tracker.finish()
     finally:
         watcher.close()
-        manager.close()
+        try:
+            manager.close()
+        except Exception as e:  # already reported by the tracker, or masked by the error in flight
+            logger.message(f"closing the checkpoint manager: {type(e).__name__}: {e}")
         logger.close()
     if jax.process_count() > 1 and "loss" in last:
         # Every host reports its copy of the (replicated) last loss: hosts that disagree hold different states.

@@ -24,6 +24,9 @@ def section(config: dict, *, dtype="float32", param_dtype="float32", scan_layers
     s.dtype, s.param_dtype = dtype, param_dtype
     s.scan_layers, s.remat_policy = scan_layers, remat_policy
     s.port_dir, s.init_from, s.init_step = port_dir, init_from, -1
+    # dotted paths of init_from's weights this component may leave unused (e.g. "params.transformer.double_0");
+    # any other unused one is an error
+    s.init_allow_unused = ()
     for k, v in extra.items():
         s[k] = v
     return s

@@ -30,6 +30,7 @@ from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from bifrost_jax.parallel.rules import LOGICAL_AXIS_RULES, axis_rules, logical_to_mesh_spec, tree_shardings
+from bifrost_jax.train import guard
 
 Params = Any
 
@@ -42,6 +43,8 @@ class TrainState:
     mutable: dict[str, Any]    # non-param collections updated by the step (e.g. {"batch_stats": ...})
     ema_params: Params | None  # EMA of the trainable parameters, or None
     rng: jax.Array             # raw uint32 PRNG key; step i uses fold_in(rng, i)
+    bad_steps: jax.Array       # int32: consecutive steps with a non-finite loss/grad norm (not applied; guard.py)
+    bad_since: jax.Array       # int32: the first step of that streak (0: none)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -148,7 +151,8 @@ class StateBuilder:
             if not jax.tree.leaves(trainable):
                 raise ValueError(f"phase {phase.name!r}: is_trainable selects no parameter")
             state = TrainState(step=jnp.zeros((), jnp.int32), params=trainable, opt_state=tx.init(trainable),
-                               mutable=mutable, ema_params=trainable if ema else None, rng=step_rng)
+                               mutable=mutable, ema_params=trainable if ema else None, rng=step_rng,
+                               bad_steps=jnp.zeros((), jnp.int32), bad_since=jnp.zeros((), jnp.int32))
             return state, frozen
 
         self._init_boxed = init_boxed
@@ -205,8 +209,9 @@ def global_batch(local_batch: dict[str, np.ndarray], abstract_batch: dict[str, j
 # The train step
 # --------------------------------------------------------------------------------------------------------------
 def make_train_step(phase, tx, schedule, *, grad_accum_steps: int = 1, ema_decay: float = 0.0,
-                    batch_axes: dict | None = None):
-    """``step(state, frozen, batch) -> (state, metrics)``: one optimizer update over the whole batch."""
+                    batch_axes: dict | None = None, max_bad_steps: int = 10):
+    """``step(state, frozen, batch) -> (state, metrics)``: one optimizer update over the whole batch; not applied
+    when the loss or gradient norm is non-finite (``guard.py``; ``max_bad_steps`` freezes the streak counters)."""
     k = int(grad_accum_steps)
     batch_axes = batch_axes or phase.batch_axes()
 
@@ -249,10 +254,17 @@ def make_train_step(phase, tx, schedule, *, grad_accum_steps: int = 1, ema_decay
         ema = state.ema_params
         if ema is not None:
             ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
+        grad_norm = optax.tree.norm(grads)
+        finite = guard.is_finite_step(loss, grad_norm)
+        params, opt_state, mutable, ema = guard.keep_if_not(
+            finite, (params, opt_state, mutable, ema), (state.params, state.opt_state, state.mutable, state.ema_params))
+        bad_steps, bad_since = guard.bad_step_counters(finite, state.bad_steps, state.bad_since, state.step,
+                                                       max_bad_steps)
         metrics = dict(metrics)
-        metrics.update(loss=loss, grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
+        metrics.update(loss=loss, grad_norm=grad_norm, lr=schedule(state.step),
+                       skipped=1.0 - finite.astype(jnp.float32))
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, mutable=mutable,
-                                  ema_params=ema)
+                                  ema_params=ema, bad_steps=bad_steps, bad_since=bad_since)
         return new_state, metrics
 
     return step

@@ -19,7 +19,8 @@ def get_config():
     c.vision = full_vision_section()
     c.controlnet = ml_collections.ConfigDict(dict(num_layers=4, num_single_layers=1, from_transformer=True,
                                                   dtype="bfloat16", param_dtype="float32", scan_layers=False,
-                                                  remat_policy="full", port_dir="", init_from="", init_step=-1))
+                                                  remat_policy="full", port_dir="", init_from="", init_step=-1,
+                                                  init_allow_unused=()))
     # Pure FSDP; the frozen FLUX under remat "dots_no_batch": its projections' outputs are saved (no FLUX forward
     # recomputed) and its weights re-gathered in the backward. With "none" the backward also keeps every layer's
     # all-gathered FLUX weight (22 GiB of bf16 under pure FSDP) and all activations: v5p-128 at fsdp=64, 54 GiB
