@@ -1,5 +1,5 @@
 """A training checkpoint named by a generation config (``config.controlnet.init_from``) through ``bifrost generate``
-and ``bifrost eval``: a phase checkpoint written by the training checkpointer (``train.checkpoint.save_state``:
+and ``bifrost eval``: a phase checkpoint written by the training checkpointer (``checkpoint.save_state``:
 params + BatchNorm statistics, optimizer state, config) replaces the configured ControlNet; the command's images
 equal those of the pipeline built in Python from the same config, and differ from the random weights' images.
 (``--checkpoint WORKDIR`` alone, the workdir's own configs, is tested on the demo's workdir in test_demo.py.)"""
@@ -17,7 +17,7 @@ from bifrost_jax import cli
 from bifrost_jax.configs import load_config_file
 from bifrost_jax.eval import run
 from bifrost_jax.sample.build import build_pipeline, synthetic_variables
-from bifrost_jax.train import checkpoint as ckpt
+from bifrost_jax import checkpoint as ckpt
 from bifrost_jax.train.state import TrainState
 from test_pipeline import TINY
 

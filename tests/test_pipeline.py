@@ -259,7 +259,7 @@ def test_build_from_ports_and_a_training_checkpoint(pipe, tmp_path):
     import orbax.checkpoint as ocp
 
     from bifrost_jax.port.orbax_io import save_ported
-    from bifrost_jax.train.checkpoint import CheckpointMismatchError
+    from bifrost_jax.checkpoint import CheckpointMismatchError
 
     vae_vars = jax.tree.map(lambda x: np.asarray(x) * 1.5, pipe.vae_variables)
     save_ported(str(tmp_path / "vae_port"), "flux-vae", vae_vars, str(tmp_path))

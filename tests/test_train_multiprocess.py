@@ -17,7 +17,7 @@ from flax import traverse_util
 
 from bifrost_jax.configs import load_config_file
 from bifrost_jax.parallel.mesh import make_mesh
-from bifrost_jax.train import checkpoint as ckpt
+from bifrost_jax import checkpoint as ckpt
 from bifrost_jax.train.registry import get_phase
 from bifrost_jax.train.state import StateBuilder, make_optimizer
 

@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec
 from bifrost_jax.configs import load_config_file
 from bifrost_jax.parallel.mesh import make_mesh
 from bifrost_jax.parallel.rules import axis_rules
-from bifrost_jax.train import checkpoint as ckpt
+from bifrost_jax import checkpoint as ckpt
 from bifrost_jax.train.loop import initial_state, parse_train_args, train
 from bifrost_jax.train.registry import get_phase
 from bifrost_jax.train.state import (StateBuilder, global_batch, jit_train_step, make_optimizer, make_train_step,

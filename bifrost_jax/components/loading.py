@@ -22,7 +22,7 @@ from bifrost_jax.port.base import SafetensorsReader, load_mapped, read_json
 from bifrost_jax.port.orbax_io import read_port_info
 from bifrost_jax.port.qwen import vision_key_map
 from bifrost_jax.port.vae import vae_dir, vae_key_map
-from bifrost_jax.train import checkpoint as ckpt
+from bifrost_jax import checkpoint as ckpt
 
 
 def is_orbax_port(path: str) -> bool:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from bifrost_jax.parallel.rules import LOGICAL_AXIS_RULES
-from bifrost_jax.train.checkpoint import shape_mismatches
+from bifrost_jax.checkpoint import shape_mismatches
 
 
 def dtype_of(name) -> Any:

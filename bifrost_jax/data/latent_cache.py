@@ -36,7 +36,7 @@ from typing import Any, Sequence
 
 
 from bifrost_jax.configs import config_dict
-from bifrost_jax.train.checkpoint import resolve_step_dir
+from bifrost_jax.checkpoint import resolve_step_dir
 
 log = logging.getLogger(__name__)
 

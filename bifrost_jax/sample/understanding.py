@@ -34,7 +34,7 @@ from bifrost_jax.data.prompt import load_tokenizer
 from bifrost_jax.models.bifrost import is_trainable as mllm_is_trainable
 from bifrost_jax.port.base import SafetensorsReader, read_json
 from bifrost_jax.sample.text import DecodeOptions, ImageOptions, TextGenerator
-from bifrost_jax.train.checkpoint import checkpoint_dir, checkpoint_param_shapes, resolve_step_dir
+from bifrost_jax.checkpoint import checkpoint_dir, checkpoint_param_shapes, resolve_step_dir
 
 
 @dataclasses.dataclass

@@ -32,7 +32,7 @@ from bifrost_jax.data.tokenizers import PaddedTokenizer
 from bifrost_jax.parallel.multislice import mesh_from_config
 from bifrost_jax.sample.build import COMPONENTS, build_pipeline
 from bifrost_jax.sample.pipeline import BifrostPipeline, FluxTextEncoder, SamplingOptions
-from bifrost_jax.train import checkpoint as ckpt
+from bifrost_jax import checkpoint as ckpt
 from bifrost_jax.train.loop import initial_frozen
 from bifrost_jax.train.phases import Phase
 from bifrost_jax.train.registry import get_phase

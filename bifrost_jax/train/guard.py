@@ -12,20 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-EXIT_NON_FINITE = 3
-EXIT_SAVE_FAILED = 4
-EXIT_WORKDIR_LOCKED = 5
-EXIT_NO_INTACT_CHECKPOINT = 6
-
-
-class TrainingStopped(RuntimeError):
-    """A run stopped on purpose; ``bifrost train`` prints the message and exits with ``exit_code``."""
-
-    exit_code = 1
-
-
-class NonFiniteError(TrainingStopped):
-    exit_code = EXIT_NON_FINITE
+from bifrost_jax.checkpoint.stops import EXIT_NON_FINITE, EXIT_NO_INTACT_CHECKPOINT, EXIT_SAVE_FAILED, EXIT_WORKDIR_LOCKED, NonFiniteError, TrainingStopped  # noqa: F401  (guard's stops)
 
 
 def is_finite_step(loss: jax.Array, grad_norm: jax.Array) -> jax.Array:

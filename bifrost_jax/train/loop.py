@@ -44,9 +44,9 @@ from bifrost_jax.data.pipeline import iterator_state, restore_iterator
 from bifrost_jax.parallel.mesh import maybe_initialize_distributed
 from bifrost_jax.parallel.multislice import mesh_from_config
 from bifrost_jax.parallel.rules import axis_rules
-from bifrost_jax.train import checkpoint as ckpt
+from bifrost_jax import checkpoint as ckpt
 from bifrost_jax.train import guard
-from bifrost_jax.train.integrity import CheckpointDamagedError, nonfinite_paths
+from bifrost_jax.checkpoint.integrity import CheckpointDamagedError, nonfinite_paths
 from bifrost_jax.train.logging import MetricsLogger, step_flops
 from bifrost_jax.train.registry import get_phase
 from bifrost_jax.train.resume import resume

@@ -23,7 +23,7 @@ import ml_collections
 from jax.experimental import multihost_utils
 
 from bifrost_jax.configs import flatten_dotted
-from bifrost_jax.train import checkpoint as ckpt
+from bifrost_jax import checkpoint as ckpt
 
 # The sections of base_config whose keys may change on resume except those listed in BREAKING; every other
 # top-level key (data, model, the model sections flux / vae / t5 / clip / vision / controlnet / mllm) breaks it.

@@ -5,7 +5,7 @@ One ``CheckpointManager`` per phase, rooted at ``WORKDIR/<phase>/checkpoints``. 
 * ``params``: ``{"params": trainable, <collection>: ...}`` (the trainable weights and the non-param collections
   such as ``batch_stats``: what another phase or the sampler restores);
 * ``ema``: the EMA of the trainable weights (only when EMA is on);
-* ``opt``: ``{"step", "opt_state", "rng", "bad_steps", "bad_since"}`` (the last two: ``guard.py``);
+* ``opt``: ``{"step", "opt_state", "rng", "bad_steps", "bad_since"}`` (the last two: ``train/guard.py``);
 * ``data``: each process's data-iterator state as JSON (``process_<i>-of-<n>.json``, with its SHA-256);
 * ``config``: the run's config as JSON (a resume compares it with its own: ``resume.py``);
 * ``integrity``: the step's manifest (``integrity.py``): every item it must hold, a checksum of every array, the
@@ -34,7 +34,7 @@ from etils import epath
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
-from bifrost_jax.train.integrity import (MANIFEST_ITEM, CheckpointDamagedError, build_manifest, canonical_json,
+from bifrost_jax.checkpoint.integrity import (MANIFEST_ITEM, CheckpointDamagedError, build_manifest, canonical_json,
                                          check_manifest, flat_arrays, manifest_shapes, text_sha256, verify_arrays,
                                          verify_json)
 
@@ -132,7 +132,7 @@ def _array_items(state) -> dict:
 def save_state(manager: ocp.CheckpointManager, state, *, data_state: Any = None,
                config: ml_collections.ConfigDict | None = None, force: bool = True) -> int:
     """Start an (async) save of ``state`` at its step, with its integrity manifest (``integrity.py``); returns the
-    step. ``data_state`` is this process's iterator state. Raises ``guard.NonFiniteError`` (nothing saved) if any
+    step. ``data_state`` is this process's iterator state. Raises ``stops.NonFiniteError`` (nothing saved) if any
     value of the state is non-finite."""
     step = int(jax.device_get(state.step))
     arrays = _array_items(state)

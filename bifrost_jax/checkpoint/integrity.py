@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bifrost_jax.train.guard import NonFiniteError
+from bifrost_jax.checkpoint.stops import NonFiniteError
 
 MANIFEST_ITEM = "integrity"
 FORMAT_VERSION = 1
@@ -146,7 +146,7 @@ def _digest(manifest: Mapping) -> str:
 def build_manifest(step: int, array_items: Mapping[str, Any], other_items: Mapping[str, Any]) -> dict:
     """The manifest of a step. ``array_items``: ``{item: tree of arrays}``; ``other_items``: ``{item: JSON-able
     value}`` (its digest is recorded) or ``None`` for per-process items that carry their own digest. Raises
-    ``guard.NonFiniteError`` naming every array with a non-finite value: such a state is never saved."""
+    ``stops.NonFiniteError`` naming every array with a non-finite value: such a state is never saved."""
     arrays, bad = {}, []
     for item, tree in array_items.items():
         arrays[item], nonfinite = describe_arrays(tree)
