@@ -259,8 +259,8 @@ def run_attention(s: Sizes) -> dict:
 # 2. generation step, JAX beside diffusers
 
 class TorchStateReader:
-    """The reader interface of ``port.base.load_mapped`` over a live PyTorch state dict (any device, any dtype):
-    one tensor at a time to host float32."""
+    """The reader interface of ``port.base.load_mapped`` over a live PyTorch state dict (any device): one tensor at a
+    time to host numpy, bf16 kept bf16 (bit-cast through int16: no float32 copy of a 12B-parameter model)."""
     path = "PyTorch state dict"
 
     def __init__(self, state: dict):
@@ -276,7 +276,11 @@ class TorchStateReader:
         return tuple(self.state[key].shape)
 
     def get(self, key):
-        return self.state[key].detach().float().cpu().numpy()
+        import torch
+        t = self.state[key].detach().cpu()
+        if t.dtype == torch.bfloat16:
+            return t.view(torch.int16).numpy().view(jnp.bfloat16)
+        return t.numpy()
 
 
 def _flux_modules(s: Sizes, grid, *, scan: bool, remat: str = "none", cn_remat: str = "none", cn_dtype=None):

@@ -106,9 +106,11 @@ def jax_step_fn(module, params, batch, target, lr):
 
 
 def timed(fn):
-    t = time.perf_counter()
+    """(wall s, process CPU s, loss). With one thread per framework the CPU time is the work done, whatever the
+    other jobs on a shared host do to the wall time."""
+    t, c = time.perf_counter(), time.process_time()
     loss = fn()
-    return time.perf_counter() - t, loss
+    return time.perf_counter() - t, time.process_time() - c, loss
 
 
 def main():
@@ -163,11 +165,13 @@ def main():
         for _ in range(args.warmup - 1):
             fn()
     times = {name: [] for name in steps}
+    cpu = {name: [] for name in steps}
     losses = {name: None for name in steps}
     for _ in range(args.repeats):  # interleaved
         for name, fn in steps.items():
-            dt, losses[name] = timed(fn)
+            dt, dc, losses[name] = timed(fn)
             times[name].append(dt)
+            cpu[name].append(dc)
 
     print(f"FLUX train step: {args.double} double + {args.single} single blocks, {args.heads} heads x 128 "
           f"(width {args.heads * 128}), {args.grid}x{args.grid}={args.grid ** 2} image tokens, "
@@ -179,17 +183,23 @@ def main():
     torch_rows = [k for k in steps if k.startswith("torch")]
     base = min(statistics.median(times[k]) for k in torch_rows)
     best = min(torch_rows, key=lambda k: statistics.median(times[k]))
-    print(f"| {'implementation':<26} | first step (s) | median step (s) | min (s) | best torch / this |")
-    print(f"|{'-' * 28}|---------------:|----------------:|--------:|------------------:|")
+    base_cpu = min(statistics.median(cpu[k]) for k in torch_rows)
+    print(f"| {'implementation':<26} | first step (s) | median step (s) | min (s) | best torch / this | "
+          f"median CPU s | best torch CPU / this |")
+    print(f"|{'-' * 28}|---------------:|----------------:|--------:|------------------:|-------------:|"
+          f"----------------------:|")
     for name in steps:
-        med = statistics.median(times[name])
-        print(f"| {name:<26} | {first[name]:14.3f} | {med:15.3f} | {min(times[name]):7.3f} | {base / med:17.2f} |")
+        med, med_cpu = statistics.median(times[name]), statistics.median(cpu[name])
+        print(f"| {name:<26} | {first[name]:14.3f} | {med:15.3f} | {min(times[name]):7.3f} | {base / med:17.2f} | "
+              f"{med_cpu:12.3f} | {base_cpu / med_cpu:21.2f} |")
     jax_med = statistics.median(times["jax fp32"])
+    jax_cpu = statistics.median(cpu["jax fp32"])
     print(f"best PyTorch row: {best}; jax fp32 time / best PyTorch time: {jax_med / base:.2f} "
-          f"(ratio {base / jax_med:.2f}, >1: JAX faster); load average after: "
-          + " ".join(f"{x:.1f}" for x in os.getloadavg()))
+          f"(ratio {base / jax_med:.2f}, >1: JAX faster); CPU time (meaningful with one thread each): "
+          f"{jax_cpu / base_cpu:.2f}; load average after: " + " ".join(f"{x:.1f}" for x in os.getloadavg()))
     print("last losses: " + ", ".join(f"{k}={v:.4f}" for k, v in losses.items()))
     print("step times (s): " + "; ".join(f"{k}: " + " ".join(f"{t:.3f}" for t in v) for k, v in times.items()))
+    print("CPU times (s): " + "; ".join(f"{k}: " + " ".join(f"{t:.3f}" for t in v) for k, v in cpu.items()))
 
 
 if __name__ == "__main__":
