@@ -17,16 +17,15 @@ The script asserts that the CLIP latents and the final latents agree and reports
 the process CPU time (with ``--single-thread`` both frameworks use one thread, so CPU time is the work done whatever
 else runs on a shared host).
 
-    .venv/bin/python benchmarks/generation_e2e.py --single-thread --repeats 3
+    taskset -c 1 .venv/bin/python benchmarks/generation_e2e.py --single-thread --repeats 3
 """
 from __future__ import annotations
 
 import os
 import sys
 
-if "--single-thread" in sys.argv:  # before JAX creates its CPU client
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
-                               "intra_op_parallelism_threads=1").strip()
+if "--single-thread" in sys.argv:  # before JAX creates its CPU client (pin the process too: taskset -c N)
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
 
 import argparse  # noqa: E402
 import platform  # noqa: E402

@@ -24,6 +24,7 @@ encoding runs once) and ``steps * step`` for the official one; the whole-program
     .venv/bin/python benchmarks/mar_decode.py                   # small config, runs both on CPU (~minutes)
     .venv/bin/python benchmarks/mar_decode.py --full-size       # + FLOPs only (no run) at Qwen2.5-VL-7B, N=256, T=300
     .venv/bin/python benchmarks/mar_decode.py --torch           # + the official loop in PyTorch (same weights)
+    taskset -c 1 .venv/bin/python benchmarks/mar_decode.py --torch --torch-threads 1 --single-thread   # one core
     .venv/bin/python benchmarks/mar_decode.py --markdown /tmp/mar.md && cat /tmp/mar.md >> benchmarks/RESULTS.md
 """
 from __future__ import annotations
@@ -33,6 +34,9 @@ import os
 import platform
 import sys
 import time
+
+if "--single-thread" in sys.argv:  # before JAX creates its CPU client (pin the process too: taskset -c N)
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
 
 import jax
 import jax.numpy as jnp
@@ -270,6 +274,8 @@ def main():
     p.add_argument("--markdown", help="write the RESULTS.md block to this file")
     p.add_argument("--torch", action="store_true", help="also run the official loop in PyTorch (same weights)")
     p.add_argument("--torch-threads", type=int, default=os.cpu_count(), help="PyTorch intra-op threads")
+    p.add_argument("--single-thread", action="store_true",
+                   help="XLA without its multi-threaded Eigen (use with --torch-threads 1 and taskset -c N)")
     args = p.parse_args()
     jax.config.update("jax_default_matmul_precision", "highest")
     small = run_small(args)
