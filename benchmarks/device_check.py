@@ -44,6 +44,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import platform  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -106,12 +107,12 @@ FULL = Sizes(
     qwen=dict(num_hidden_layers=4), prompt_len=300, image_grid=(16, 16),
     vit=dict(heads=16, head_dim=80, windows=16, window_len=64), attention_batch=4)
 
-TINY = Sizes(
-    name="tiny", dtype=jnp.float32, repeats=2,
-    flux=dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+TINY = Sizes(  # one generation resolution and one repeat: the dry run checks the code paths, quickly
+    name="tiny", dtype=jnp.float32, repeats=1,
+    flux=dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
               num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=24, guidance_embeds=True,
               axes_dims_rope=(4, 6, 6)),
-    controlnet_layers=(1, 1), clip_dim=32, text_tokens=8, generate_grids=((2, 3), (2, 2)), train_grid=(2, 2),
+    controlnet_layers=(1, 1), clip_dim=32, text_tokens=8, generate_grids=((2, 3),), train_grid=(2, 2),
     qwen=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               vocab_size=64, mrope_section=(2, 1, 1)),
     prompt_len=10, image_grid=(2, 3),
@@ -165,9 +166,36 @@ def _mfu(flops_per_step: float, step_ms: float, peak: Optional[float]) -> Option
     return None if not peak else flops_per_step / (step_ms / 1e3) / peak
 
 
-def _unbox_init(module, *args, **kwargs):
-    """Random parameters (jitted init, unboxed)."""
-    return nn.unbox(jax.jit(module.init)(jax.random.PRNGKey(0), *args, **kwargs))
+def _random_variables(module, *args, **kwargs):
+    """Random variables with the shapes of ``module.init`` (traced abstractly: a real init compiles the whole forward,
+    and drawing every leaf on the device compiles one kernel per leaf, minutes on a CPU). Matrices are windows of a
+    host pool of N(0, 1/fan_in) samples (one pool per fan-in and dtype, up to 2^24 values, each leaf from its own
+    offset), norm scales and variances 1, other vectors 0: fast at any size, enough for speed and agreement checks."""
+    shapes = nn.unbox(jax.eval_shape(module.init, jax.random.PRNGKey(0), *args, **kwargs))
+    rng = np.random.default_rng(0)
+    pools: dict = {}
+
+    def fill(i, path, leaf):
+        dtype = np.dtype(leaf.dtype)  # host arrays only: an eager jnp.full compiles a kernel per shape
+        if not np.issubdtype(dtype, np.floating) and dtype != np.dtype(jnp.bfloat16):
+            return np.zeros(leaf.shape, dtype)
+        if len(leaf.shape) < 2:
+            return np.full(leaf.shape, 1.0 if path[-1] in ("scale", "var") else 0.0, dtype)
+        key = (leaf.shape[-2], dtype)
+        if key not in pools:
+            pools[key] = (rng.standard_normal(2 * sizes[key]) / math.sqrt(leaf.shape[-2])).astype(dtype)
+        pool = pools[key]
+        start = (i * 7919) % (pool.size // 2)
+        return np.resize(pool[start:], leaf.shape)
+
+    flat = traverse_util.flatten_dict(shapes)
+    sizes: dict = {}  # per pool: the largest leaf it serves, up to 2^23 (then windows repeat)
+    for leaf in flat.values():
+        if len(leaf.shape) >= 2:
+            key = (leaf.shape[-2], np.dtype(leaf.dtype))
+            sizes[key] = min(max(sizes.get(key, 0), math.prod(leaf.shape)), 1 << 23)
+    return traverse_util.unflatten_dict({p: jax.device_put(fill(i, p, leaf))
+                                         for i, (p, leaf) in enumerate(sorted(flat.items()))})
 
 
 def _cast(tree, dtype):
@@ -345,8 +373,8 @@ def run_generate(s: Sizes) -> dict:
         out["torch_build_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     tr0, cn0 = _flux_modules(s, s.generate_grids[0], scan=True)
-    tr_shapes = jax.eval_shape(lambda: _unbox_init(tr0, **tr0.dummy_inputs()))
-    cn_shapes = jax.eval_shape(lambda: _unbox_init(cn0, **cn0.dummy_inputs()))
+    tr_shapes = jax.eval_shape(lambda: _random_variables(tr0, **tr0.dummy_inputs()))
+    cn_shapes = jax.eval_shape(lambda: _random_variables(cn0, **cn0.dummy_inputs()))
     cn_shapes = {"params": {k: v for k, v in cn_shapes["params"].items() if k != "up_sampling_block"}}
     if torch is not None:  # the SAME weights: diffusers' init read through the port key maps
         tr_vars = load_mapped(TorchStateReader(t_tr.state_dict()),
@@ -356,8 +384,8 @@ def run_generate(s: Sizes) -> dict:
                               prefixed(("params",), controlnet_key_map(cn0.config, True)), cn_shapes,
                               dtype=s.dtype, what="diffusers controlnet")
     else:
-        tr_vars = {"params": _unbox_init(tr0, **tr0.dummy_inputs())["params"]}
-        cn_vars = {"params": {k: v for k, v in _unbox_init(cn0, **cn0.dummy_inputs())["params"].items()
+        tr_vars = {"params": _random_variables(tr0, **tr0.dummy_inputs())["params"]}
+        cn_vars = {"params": {k: v for k, v in _random_variables(cn0, **cn0.dummy_inputs())["params"].items()
                               if k != "up_sampling_block"}}
     out["weights_to_jax_s"] = time.perf_counter() - t0
     for grid in s.generate_grids:
@@ -430,8 +458,8 @@ def _timed_steps(step, state, args, repeats):
 def run_train_controlnet(s: Sizes, batch: int) -> dict:
     grid = s.train_grid
     tr, cn = _flux_modules(s, grid, scan=True, remat="dots_no_batch", cn_remat="full", cn_dtype=jnp.float32)
-    frozen = {"params": _unbox_init(tr, **tr.dummy_inputs())["params"]}
-    cn_vars = _unbox_init(cn, **cn.dummy_inputs())
+    frozen = {"params": _random_variables(tr, **tr.dummy_inputs())["params"]}
+    cn_vars = _random_variables(cn, **cn.dummy_inputs())
     inp = {k: jnp.asarray(v) for k, v in _flux_inputs(s, grid, batch).items()}
     clip = jax.random.normal(jax.random.PRNGKey(1), (batch, grid[0] * grid[1], s.clip_dim), jnp.float32)
     noise = jax.random.normal(jax.random.PRNGKey(2), inp["hidden_states"].shape, jnp.float32)
@@ -503,7 +531,7 @@ def run_train_mllm(s: Sizes, batch: int) -> dict:
     am[:, : t // 3] = 0
     am = jnp.asarray(am)
     clip = jax.random.normal(jax.random.PRNGKey(3), (batch, n, cfg.clip_dim), jnp.float32)
-    params = _unbox_init(module, ids, am, clip, jnp.ones((batch, n), bool))["params"]
+    params = _random_variables(module, ids, am, clip, jnp.ones((batch, n), bool))["params"]
     train, frozen = _split(params)
     frozen = _cast(frozen, s.dtype)  # train.frozen_param_dtype = bf16, as configs/full/mllm.py
 

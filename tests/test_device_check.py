@@ -5,6 +5,7 @@ import importlib.util
 import json
 import math
 import os
+import sys
 
 import pytest
 
@@ -14,6 +15,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _load_script():
     spec = importlib.util.spec_from_file_location("device_check", os.path.join(REPO, "benchmarks", "device_check.py"))
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -56,7 +58,7 @@ def test_attention_paths(report):
 
 def test_generation_step_beside_diffusers(report):
     gen = report[0]["sections"]["generate"]
-    assert len(gen["resolutions"]) == 2
+    assert len(gen["resolutions"]) == 1  # the tiny size has one resolution (full size: 1024 and 512 px)
     for r in gen["resolutions"].values():
         assert _positive(r["jax"]["ms_per_step"]) and _positive(r["torch"]["ms_per_step"])
         assert _positive(r["torch_over_jax"])
