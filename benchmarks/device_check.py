@@ -29,9 +29,9 @@ Sections (each runs on its own; a failure is recorded in the report with its tra
    "dots_no_batch", frozen weights bf16, the generation branch trained in fp32 master weights, MAR masking, MSE loss,
    AdamW) over 300 text tokens + 256 image slots; same figures.
 
-Imports: jax, flax, optax, numpy, torch, transformers, safetensors (all on the device image) and diffusers for the
-PyTorch half of ``generate`` (absent: that half is skipped with the reason; see benchmarks/RESULTS.md for the wheel
-to carry). Nothing from the data/train/config layers (no ml_collections, grain, tensorflow-datasets).
+Imports: jax, flax, optax, numpy, safetensors (all on the device image), and torch + diffusers for the PyTorch half of
+``generate`` (absent: that half is skipped with the reason; see benchmarks/RESULTS.md for the wheel to carry).
+Nothing from the data/train/config layers (no ml_collections, grain, tensorflow-datasets).
 """
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
@@ -59,7 +60,6 @@ import optax  # noqa: E402
 from flax import traverse_util  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bifrost_jax.models.bifrost import (BifrostConfig, BifrostMLLM, is_trainable, mse_loss,  # noqa: E402
                                         sample_mar_mask_for)
@@ -166,12 +166,17 @@ def _mfu(flops_per_step: float, step_ms: float, peak: Optional[float]) -> Option
     return None if not peak else flops_per_step / (step_ms / 1e3) / peak
 
 
+def _abstract_variables(module, *args, **kwargs):
+    """ShapeDtypeStructs of ``module.init``'s variables (nothing allocated)."""
+    return nn.unbox(jax.eval_shape(module.init, jax.random.PRNGKey(0), *args, **kwargs))
+
+
 def _random_variables(module, *args, **kwargs):
     """Random variables with the shapes of ``module.init`` (traced abstractly: a real init compiles the whole forward,
     and drawing every leaf on the device compiles one kernel per leaf, minutes on a CPU). Matrices are windows of a
     host pool of N(0, 1/fan_in) samples (one pool per fan-in and dtype, up to 2^24 values, each leaf from its own
     offset), norm scales and variances 1, other vectors 0: fast at any size, enough for speed and agreement checks."""
-    shapes = nn.unbox(jax.eval_shape(module.init, jax.random.PRNGKey(0), *args, **kwargs))
+    shapes = _abstract_variables(module, *args, **kwargs)
     rng = np.random.default_rng(0)
     pools: dict = {}
 
@@ -311,6 +316,33 @@ class TorchStateReader:
         return t.numpy()
 
 
+def _random_diffusers_pair(flux_config: dict, controlnet_layers: tuple[int, int], clip_dim: int, *, device: str,
+                           dtype, seed: int = 0, head_std: float = 0.02):
+    """(diffusers FluxTransformer2DModel, FluxControlNetModel with a ``clip_dim``-wide controlnet_x_embedder), eval
+    mode, created directly on ``device`` in ``dtype`` with diffusers' own random init; the zero-initialised
+    ControlNet input and output projections are redrawn (N(0, head_std)) so that the residuals are not zero."""
+    import torch
+    from diffusers import FluxControlNetModel, FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            transformer = FluxTransformer2DModel(**flux_config)
+            cn_config = {k: v for k, v in flux_config.items() if k != "out_channels"}
+            controlnet = FluxControlNetModel(**{**cn_config, "num_layers": controlnet_layers[0],
+                                                "num_single_layers": controlnet_layers[1]})
+            controlnet.controlnet_x_embedder = torch.nn.Linear(clip_dim, controlnet.inner_dim)
+    finally:
+        torch.set_default_dtype(previous)
+    with torch.no_grad():
+        for name, p in controlnet.named_parameters():
+            if name.startswith(("controlnet_blocks", "controlnet_single_blocks", "controlnet_x_embedder")):
+                p.normal_(0.0, head_std)
+    return transformer.eval(), controlnet.eval()
+
+
 def _flux_modules(s: Sizes, grid, *, scan: bool, remat: str = "none", cn_remat: str = "none", cn_dtype=None):
     tr = FluxTransformer2DModel(FluxConfig(**s.flux), dtype=s.dtype, param_dtype=s.dtype, scan_layers=scan,
                                 remat_policy=remat)
@@ -353,8 +385,6 @@ def _jax_velocity(tr, cn, x_embed):
 def run_generate(s: Sizes) -> dict:
     try:
         import torch
-
-        import torch_reference  # imports diffusers lazily, inside random_flux_pair
         from diffusers import FluxControlNetModel  # noqa: F401  (presence check)
     except ImportError as e:
         torch = None
@@ -368,13 +398,13 @@ def run_generate(s: Sizes) -> dict:
         out["torch"] = torch_missing
     else:
         t0 = time.perf_counter()
-        t_tr, t_cn = torch_reference.random_flux_pair(s.flux, s.controlnet_layers, s.clip_dim, device=device,
-                                                      dtype=torch_dtype)
+        t_tr, t_cn = _random_diffusers_pair(s.flux, s.controlnet_layers, s.clip_dim, device=device,
+                                            dtype=torch_dtype)
         out["torch_build_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     tr0, cn0 = _flux_modules(s, s.generate_grids[0], scan=True)
-    tr_shapes = jax.eval_shape(lambda: _random_variables(tr0, **tr0.dummy_inputs()))
-    cn_shapes = jax.eval_shape(lambda: _random_variables(cn0, **cn0.dummy_inputs()))
+    tr_shapes = _abstract_variables(tr0, **tr0.dummy_inputs())
+    cn_shapes = _abstract_variables(cn0, **cn0.dummy_inputs())
     cn_shapes = {"params": {k: v for k, v in cn_shapes["params"].items() if k != "up_sampling_block"}}
     if torch is not None:  # the SAME weights: diffusers' init read through the port key maps
         tr_vars = load_mapped(TorchStateReader(t_tr.state_dict()),
@@ -391,7 +421,8 @@ def run_generate(s: Sizes) -> dict:
     for grid in s.generate_grids:
         tr, cn = _flux_modules(s, grid, scan=True)
         inp = _flux_inputs(s, grid, 1)
-        res = dict(image_px=16 * grid[0] if grid[0] == grid[1] else [16 * grid[0], 16 * grid[1]],
+        # CLIP grid (h, w) -> FLUX packed grid (2h, 2w) -> VAE latent (4h, 4w) -> pixels (32h, 32w)
+        res = dict(image_px=32 * grid[0] if grid[0] == grid[1] else [32 * grid[0], 32 * grid[1]],
                    image_tokens=4 * grid[0] * grid[1])
         velocity, embed = _jax_velocity(tr, cn, lambda m, c: m.controlnet_x_embedder(c))
         j_inp = {k: jnp.asarray(v, s.dtype if k not in ("img_ids", "txt_ids") else jnp.float32)
@@ -434,7 +465,7 @@ def run_generate(s: Sizes) -> dict:
 # 3. controlnet phase step
 
 def _adamw_step(loss_fn, tx):
-    @jax.jit
+    @functools.partial(jax.jit, donate_argnums=(0, 1))  # trained weights and moments updated in place
     def step(train, opt_state, *rest):
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(train, *rest)
         updates, opt_state = tx.update(grads, opt_state, train)
@@ -443,7 +474,7 @@ def _adamw_step(loss_fn, tx):
 
 
 def _timed_steps(step, state, args, repeats):
-    """Run ``step`` (donating nothing: the state is threaded through) once to compile, then ``repeats`` times."""
+    """Run ``step`` once to compile, then ``repeats`` times, threading the (donated) state through."""
     t0 = time.perf_counter()
     train, opt_state, loss, aux = jax.block_until_ready(step(*state, *args))
     first = time.perf_counter() - t0

@@ -238,31 +238,3 @@ def vae_decode(vae, packed, height: int, width: int):
     image = torch.clamp(image / 2 + 0.5, 0, 1)
     return torch.round(image * 255).to(torch.uint8).permute(0, 2, 3, 1)
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# random FLUX + latent ControlNet for speed checks (no checkpoint)
-
-def random_flux_pair(flux_config: dict, controlnet_layers: tuple[int, int], clip_dim: int, *, device: str,
-                     dtype=torch.bfloat16, seed: int = 0, head_std: float = 0.02):
-    """(diffusers FluxTransformer2DModel, FluxControlNetModel with a ``clip_dim``-wide controlnet_x_embedder), eval
-    mode, created directly on ``device`` in ``dtype`` with diffusers' own random init; the zero-initialised
-    ControlNet input and output projections are redrawn (N(0, head_std)) so that the residuals are not zero."""
-    from diffusers import FluxControlNetModel, FluxTransformer2DModel
-
-    torch.manual_seed(seed)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            transformer = FluxTransformer2DModel(**flux_config)
-            cn_config = {k: v for k, v in flux_config.items() if k != "out_channels"}
-            controlnet = FluxControlNetModel(**{**cn_config, "num_layers": controlnet_layers[0],
-                                                "num_single_layers": controlnet_layers[1]})
-            controlnet.controlnet_x_embedder = torch.nn.Linear(clip_dim, controlnet.inner_dim)
-    finally:
-        torch.set_default_dtype(previous)
-    with torch.no_grad():
-        for name, p in controlnet.named_parameters():
-            if name.startswith(("controlnet_blocks", "controlnet_single_blocks", "controlnet_x_embedder")):
-                p.normal_(0.0, head_std)
-    return transformer.eval(), controlnet.eval()
