@@ -2,7 +2,7 @@
 diffusers, written as JSON + markdown.
 
     python benchmarks/device_check.py --out "$OUT"              # full size, one GPU (H100/H200), <= 8 minutes
-    python benchmarks/device_check.py --dry-run --out dc_dry    # tiny sizes on CPU, under a minute (tests/test_device_check.py)
+    python benchmarks/device_check.py --dry-run --out dc_dry    # tiny, CPU, under a minute (tests/test_device_check.py)
 
 Sections (each runs on its own; a failure is recorded in the report with its traceback and the next section runs):
 
