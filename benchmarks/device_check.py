@@ -106,7 +106,8 @@ def markdown(report: dict) -> str:
         if "error" in r:
             lines += [f"{name}: ERROR {r['error'].splitlines()[-1]}", ""]
             continue
-        lines += [f"{name}: batch {r['batch']}, step {_fmt(r['step_ms'])} ms (compile+first {_fmt(r['compile_and_first_s'])}"
+        lines += [f"{name}: batch {r['batch']}, step {_fmt(r['step_ms'])} ms (compile+first "
+                  f"{_fmt(r['compile_and_first_s'])}"
                   f" s), {_fmt(r['examples_per_s'])} examples/s, {_fmt(r['tokens_per_s'])} tokens/s, analytic "
                   f"{_fmt(r['analytic_flops_per_step'])} FLOP/step = {_fmt(r['achieved_tflops'])} TFLOP/s, MFU "
                   f"{_fmt(None if r['mfu'] is None else 100 * r['mfu'], '.1f')}%, peak memory "

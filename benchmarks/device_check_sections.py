@@ -111,7 +111,8 @@ def _rel_err(a, b, rows=None) -> float:
 def device_info() -> dict:
     d = jax.devices()[0]
     chip = chip_for_device_kind(getattr(d, "device_kind", ""))
-    return dict(backend=jax.default_backend(), device_kind=getattr(d, "device_kind", ""), device_count=jax.device_count(),
+    return dict(backend=jax.default_backend(), device_kind=getattr(d, "device_kind", ""),
+                device_count=jax.device_count(),
                 jax=jax.__version__, peak_bf16_flops=chip.peak_bf16_flops if chip else None,
                 chip=chip.name if chip else None, host=platform.node(), cpu_count=os.cpu_count(),
                 python=platform.python_version())

@@ -183,14 +183,16 @@ def markdown(r, args) -> str:
              f"{torch.__version__}; threads per framework: {'1' if args.single_thread else 'all'}; load average at "
              f"the end {os.getloadavg()[0]:.1f}.  ",
              f"Config: MLLM hidden {t.hidden_size} x {t.num_hidden_layers} layers ({t.num_attention_heads} / "
-             f"{t.num_key_value_heads} KV heads), N = {pipe.mllm.config.num_image_tokens} latents, {r['mar_steps']} MAR "
+             f"{t.num_key_value_heads} KV heads), N = {pipe.mllm.config.num_image_tokens} latents, "
+             f"{r['mar_steps']} MAR "
              f"steps (one per token), cfg 1; FLUX {f.num_attention_heads} x {f.attention_head_dim} = {f.inner_dim} "
              f"wide, {f.num_layers} double + {f.num_single_layers} single blocks, ControlNet "
              f"{pipe.controlnet.config.num_layers} + {pipe.controlnet.config.num_single_layers}, "
              f"{pipe.packed_grid[0] * pipe.packed_grid[1]} image tokens, {args.flux_steps} Euler steps; "
              f"{pipe.image_size[0]}x{pipe.image_size[1]} px; 1 prompt x {k} images; float32; medians of "
              f"{args.repeats}. Agreement: CLIP latents max rel err {r['agreement']['clip_latents']:.1e}, final "
-             f"latents {r['agreement']['packed_latents']:.1e}, images max |diff| {r['agreement']['image_max_abs_uint8']}"
+             f"latents {r['agreement']['packed_latents']:.1e}, images max |diff| "
+             f"{r['agreement']['image_max_abs_uint8']}"
              " / 255.", "",
              "| stage | JAX ms / image | JAX CPU ms / image | JAX compile s | PyTorch ms / image | PyTorch CPU ms / "
              "image | PyTorch / JAX (wall) | (CPU) |", "|---|---|---|---|---|---|---|---|"]
