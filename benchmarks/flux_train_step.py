@@ -1,4 +1,5 @@
-"""Time one FLUX training step (forward, backward, AdamW) in bifrost-jax (jit) and in diffusers (PyTorch eager).
+"""Time one FLUX training step (forward, backward, AdamW) in bifrost-jax (jit) and in diffusers (PyTorch eager and
+``torch.compile``).
 
 The same FLUX-architecture model (a few double and single blocks, 4 heads x 128 = width 512, 16x16 = 256 image tokens,
 64 text tokens, guidance embedding) with the same weights (the PyTorch model is saved and ported) and the same
@@ -8,6 +9,11 @@ that both see the same machine load (this CPU is shared); the median of the time
     .venv/bin/python benchmarks/flux_train_step.py                 # fp32 in both (like with like)
     .venv/bin/python benchmarks/flux_train_step.py --jax-bf16      # adds a JAX row with bf16 compute
     .venv/bin/python benchmarks/flux_train_step.py --torch-threads 1 --jax-single-thread   # 1 thread each
+    .venv/bin/python benchmarks/flux_train_step.py --torch-compile # adds torch.compile (inductor) rows
+
+``--torch-compile`` adds, for every thread count, a row where the model runs under ``torch.compile`` (inductor,
+default mode: forward and backward graphs compiled to C++/OpenMP on CPU) and the AdamW step is compiled too (the
+PyTorch recipe for compiled optimizers); its first steps include the compiles. The ratio uses the fastest PyTorch row.
 """
 from __future__ import annotations
 
@@ -57,19 +63,21 @@ def make_batch(cfg, args, seed=0):
                     (args.batch, g * g, cfg["in_channels"])).astype(f)
 
 
-def torch_step_fn(model, batch, target, lr, threads):
+def torch_step_fn(model, batch, target, lr, threads, compile_model=False):
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     tb = {k: torch.from_numpy(v) for k, v in batch.items()}
     tt = torch.from_numpy(target)
     model.train()
+    forward = torch.compile(model) if compile_model else model
+    opt_step = torch.compile(opt.step) if compile_model else opt.step
 
     def step():
         torch.set_num_threads(threads)
         opt.zero_grad(set_to_none=True)
-        out = model(**tb).sample
+        out = forward(**tb).sample
         loss = torch.mean((out.float() - tt) ** 2)
         loss.backward()
-        opt.step()
+        opt_step()
         return float(loss.detach())
     return step
 
@@ -98,9 +106,11 @@ def jax_step_fn(module, params, batch, target, lr):
 
 
 def timed(fn):
-    t = time.perf_counter()
+    """(wall s, process CPU s, loss). With one thread per framework the CPU time is the work done, whatever the
+    other jobs on a shared host do to the wall time."""
+    t, c = time.perf_counter(), time.process_time()
     loss = fn()
-    return time.perf_counter() - t, loss
+    return time.perf_counter() - t, time.process_time() - c, loss
 
 
 def main():
@@ -121,6 +131,8 @@ def main():
     ap.add_argument("--jax-single-thread", action="store_true",
                     help="XLA CPU on one thread (compare with --torch-threads 1: robust on a loaded machine)")
     ap.add_argument("--jax-bf16", action="store_true", help="also time JAX with bf16 compute (fp32 params)")
+    ap.add_argument("--torch-compile", action="store_true",
+                    help="also time torch.compile (inductor) rows, one per --torch-threads entry")
     args = ap.parse_args()
     load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
     torch.manual_seed(0)
@@ -141,6 +153,9 @@ def main():
     steps = {}
     for n in [int(t) for t in args.torch_threads.split(",")]:
         steps[f"torch fp32 eager, {n} thr"] = torch_step_fn(copy.deepcopy(ref), batch, target, 1e-5, n)
+        if args.torch_compile:
+            steps[f"torch fp32 compile, {n} thr"] = torch_step_fn(copy.deepcopy(ref), batch, target, 1e-5, n,
+                                                                   compile_model=True)
     for name, (m, p) in modules.items():
         steps[name] = jax_step_fn(m, p, batch, target, 1e-5)
 
@@ -150,11 +165,13 @@ def main():
         for _ in range(args.warmup - 1):
             fn()
     times = {name: [] for name in steps}
+    cpu = {name: [] for name in steps}
     losses = {name: None for name in steps}
     for _ in range(args.repeats):  # interleaved
         for name, fn in steps.items():
-            dt, losses[name] = timed(fn)
+            dt, dc, losses[name] = timed(fn)
             times[name].append(dt)
+            cpu[name].append(dc)
 
     print(f"FLUX train step: {args.double} double + {args.single} single blocks, {args.heads} heads x 128 "
           f"(width {args.heads * 128}), {args.grid}x{args.grid}={args.grid ** 2} image tokens, "
@@ -165,13 +182,24 @@ def main():
           f"({jax.default_backend()}), torch {torch.__version__}; load average before: {load_before}")
     torch_rows = [k for k in steps if k.startswith("torch")]
     base = min(statistics.median(times[k]) for k in torch_rows)
-    print(f"| {'implementation':<24} | first step (s) | median step (s) | min (s) | best torch / this |")
-    print(f"|{'-' * 26}|---------------:|----------------:|--------:|------------------:|")
+    best = min(torch_rows, key=lambda k: statistics.median(times[k]))
+    base_cpu = min(statistics.median(cpu[k]) for k in torch_rows)
+    print(f"| {'implementation':<26} | first step (s) | median step (s) | min (s) | best torch / this | "
+          f"median CPU s | best torch CPU / this |")
+    print(f"|{'-' * 28}|---------------:|----------------:|--------:|------------------:|-------------:|"
+          f"----------------------:|")
     for name in steps:
-        med = statistics.median(times[name])
-        print(f"| {name:<24} | {first[name]:14.3f} | {med:15.3f} | {min(times[name]):7.3f} | {base / med:17.2f} |")
-    print(f"ratio (fastest torch eager median / jax fp32 median): {base / statistics.median(times['jax fp32']):.2f}"
-          f"  (>1: JAX faster); last losses: " + ", ".join(f"{k}={v:.4f}" for k, v in losses.items()))
+        med, med_cpu = statistics.median(times[name]), statistics.median(cpu[name])
+        print(f"| {name:<26} | {first[name]:14.3f} | {med:15.3f} | {min(times[name]):7.3f} | {base / med:17.2f} | "
+              f"{med_cpu:12.3f} | {base_cpu / med_cpu:21.2f} |")
+    jax_med = statistics.median(times["jax fp32"])
+    jax_cpu = statistics.median(cpu["jax fp32"])
+    print(f"best PyTorch row: {best}; jax fp32 time / best PyTorch time: {jax_med / base:.2f} "
+          f"(ratio {base / jax_med:.2f}, >1: JAX faster); CPU time (meaningful with one thread each): "
+          f"{jax_cpu / base_cpu:.2f}; load average after: " + " ".join(f"{x:.1f}" for x in os.getloadavg()))
+    print("last losses: " + ", ".join(f"{k}={v:.4f}" for k, v in losses.items()))
+    print("step times (s): " + "; ".join(f"{k}: " + " ".join(f"{t:.3f}" for t in v) for k, v in times.items()))
+    print("CPU times (s): " + "; ".join(f"{k}: " + " ".join(f"{t:.3f}" for t in v) for k, v in cpu.items()))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,13 @@ Decodes N image slots, one token per step (N steps, the released setting), with
 
 asserts the two outputs agree (float32, max rel err <= 1e-4), and reports XLA's FLOPs and the wall time.
 
+``--torch`` adds what a user of the official code runs: the official loop IN PYTORCH
+(``benchmarks/torch_reference.py``: transformers' Qwen2.5-VL text model with the generation branch attached, sdpa
+attention, the full [uncond; cond] sequence through both weight sets every step), with the same weights (exported
+through the port's official key map), the same orders and schedule; its output must agree with ``mar_decode``'s too.
+Its FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` (matmuls and attention only, while XLA's count
+of the JAX program adds elementwise work: the PyTorch / JAX FLOPs ratio is therefore, if anything, understated).
+
 FLOPs. XLA's ``cost_analysis()`` of a ``lax.fori_loop`` program counts the while body ONCE (it does not know the
 trip count; the script checks this by compiling the same decode with a different number of steps). The totals are
 therefore built from separately compiled pieces: ``prefix + steps * step`` for this implementation (the prompt
@@ -16,6 +23,8 @@ encoding runs once) and ``steps * step`` for the official one; the whole-program
 
     .venv/bin/python benchmarks/mar_decode.py                   # small config, runs both on CPU (~minutes)
     .venv/bin/python benchmarks/mar_decode.py --full-size       # + FLOPs only (no run) at Qwen2.5-VL-7B, N=256, T=300
+    .venv/bin/python benchmarks/mar_decode.py --torch           # + the official loop in PyTorch (same weights)
+    taskset -c 1 .venv/bin/python benchmarks/mar_decode.py --torch --torch-threads 1 --single-thread   # one core
     .venv/bin/python benchmarks/mar_decode.py --markdown /tmp/mar.md && cat /tmp/mar.md >> benchmarks/RESULTS.md
 """
 from __future__ import annotations
@@ -26,14 +35,22 @@ import platform
 import sys
 import time
 
+if "--single-thread" in sys.argv:  # before JAX creates its CPU client (pin the process too: taskset -c N)
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # torch_reference (with --torch)
 
-from bifrost_jax.models.bifrost import BifrostConfig, BifrostMLLM  # noqa: E402
+from bifrost_jax.models.bifrost import BifrostConfig, BifrostMLLM, random_orders  # noqa: E402
 from bifrost_jax.models.qwen.decoder import QwenTextConfig  # noqa: E402
+from bifrost_jax.parallel import flops  # noqa: E402
+from bifrost_jax.port.base import export_mapped  # noqa: E402
+from bifrost_jax.port.bifrost import TEXT_PREFIX, trained_key_map  # noqa: E402
+from bifrost_jax.port.qwen_text import text_key_map  # noqa: E402
 from bifrost_jax.sample import mar  # noqa: E402
 
 SMALL = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8,
@@ -131,9 +148,49 @@ def run_small(args):
     whole_off = {s: whole(mar._mar_decode_official, s, extra=(uids, am, f32)) for s in (steps, steps // 2)}
     total_fast = pieces["prefix"] + steps * pieces["fast_step"]
     total_official = steps * pieces["official_step"]
+    analytic_fast = (flops.qwen_text_rows(cfg.text, b, t).total
+                     + steps * flops.qwen_branch_rows(cfg, b, t).total)  # prompt once + N-slot steps
+    torch_row = (run_torch(module, variables, ids, am, key, steps, fast, args.repeats, args.torch_threads)
+                 if args.torch else None)
     return dict(config=cfg, batch=b, prefix_len=t, steps=steps, err=err, pieces=pieces, total_fast=total_fast,
                 total_official=total_official, whole_fast=whole_fast, whole_official=whole_off, t_fast=t_fast,
-                t_official=t_official)
+                t_official=t_official, torch=torch_row, analytic_fast=analytic_fast)
+
+
+def run_torch(module, variables, ids, am, key, steps, fast, repeats, threads):
+    """The official loop in PyTorch on the same weights, orders and schedule: output error vs ``fast``, median wall
+    time, FLOPs of one step (FlopCounterMode)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import torch_reference  # imports torch
+
+    torch.set_num_threads(threads)
+    cfg = module.config
+    state = export_mapped(variables["params"], {**trained_key_map(cfg, module.scan_layers),
+                                                **text_key_map(cfg.text, module.scan_layers, TEXT_PREFIX)})
+    model = torch_reference.OfficialBifrostMLLM(cfg.text.to_hf_config(), cfg.num_image_tokens).eval()
+    model.load_numpy_state(state)
+    b, n = ids.shape[0], cfg.num_image_tokens
+    ranks = np.asarray(mar.order_ranks(random_orders(key, b, n)))
+    remaining = mar.mar_schedule(n, steps)
+    decode = lambda: torch_reference.mar_decode_official(model, ids, am, ranks, remaining)  # noqa: E731
+    out = decode()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        decode()
+        times.append(time.perf_counter() - t0)
+    err = float(np.max(np.abs(np.asarray(fast) - out.numpy())) / np.max(np.abs(out.numpy())))
+    assert err <= 1e-4, f"PyTorch official loop and mar_decode differ: max rel err {err}"
+    both = lambda a: torch.as_tensor(np.concatenate([np.asarray(a)] * 2), dtype=torch.long)  # noqa: E731
+    tokens = model.mask_token.reshape(1, 1, -1).expand(2 * b, n, -1)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(both(ids), both(am), tokens, torch.ones(2 * b, n, dtype=torch.bool))
+    step_flops = float(counter.get_total_flops())
+    return dict(err=err, time=float(np.median(times)), times=times, step_flops=step_flops,
+                total_flops=steps * step_flops, threads=threads, version=torch.__version__)
 
 
 def run_full_size(batch):
@@ -172,6 +229,16 @@ def markdown(small, full, command) -> str:
         f"| wall time (median, compiled) | {small['t_fast']:.3f} s | {small['t_official']:.3f} s | "
         f"{small['t_official'] / small['t_fast']:.1f}x |",
     ]
+    tr = small["torch"]
+    if tr is not None:
+        lines += [
+            f"| official loop in PyTorch {tr['version']} (transformers layers, sdpa, {tr['threads']} threads): "
+            f"FLOPs, matmuls + attention (this implementation: `parallel/flops.py`; PyTorch: FlopCounterMode, "
+            f"{small['steps']} x one step) | {small['analytic_fast']:.3e} | {tr['total_flops']:.3e} | "
+            f"**{tr['total_flops'] / small['analytic_fast']:.1f}x** |",
+            f"| official loop in PyTorch: wall time (median of {len(tr['times'])}; eager, no_grad) | "
+            f"{small['t_fast']:.3f} s | {tr['time']:.3f} s | **{tr['time'] / small['t_fast']:.1f}x** |",
+        ]
     if full is not None:
         lines += [
             f"| FLOPs at full size (Qwen2.5-VL-7B, N=256, T=300, batch {full['batch']}, 256 steps; HLO cost, "
@@ -184,6 +251,10 @@ def markdown(small, full, command) -> str:
     if not (np.isclose(wf[s1], wf[s2], rtol=1e-3) and np.isclose(wo[s1], wo[s2], rtol=1e-3)):
         raise RuntimeError(f"XLA's whole-program FLOPs now depend on the step count ({wf}, {wo}): it no longer "
                            "counts the fori_loop body once; revisit how this benchmark totals FLOPs")
+    if tr is not None:
+        lines += ["", f"PyTorch output vs `mar_decode`: max rel err {tr['err']:.1e}. PyTorch runs: "
+                  + ", ".join(f"{t:.3f}" for t in tr["times"]) + " s. FlopCounterMode counts matmuls and attention "
+                  "only, so this implementation is counted the same way (analytically) for that row."]
     lines += [
         "",
         f"XLA's cost analysis of the whole `fori_loop` program counts the loop body ONCE: {s1} and {s2} steps both "
@@ -206,6 +277,10 @@ def main():
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--full-size", action="store_true", help="also FLOPs (no run) at the released size")
     p.add_argument("--markdown", help="write the RESULTS.md block to this file")
+    p.add_argument("--torch", action="store_true", help="also run the official loop in PyTorch (same weights)")
+    p.add_argument("--torch-threads", type=int, default=os.cpu_count(), help="PyTorch intra-op threads")
+    p.add_argument("--single-thread", action="store_true",
+                   help="XLA without its multi-threaded Eigen (use with --torch-threads 1 and taskset -c N)")
     args = p.parse_args()
     jax.config.update("jax_default_matmul_precision", "highest")
     small = run_small(args)
