@@ -13,7 +13,7 @@ it): per-chip state = (frozen weights + trainable weights, Adam moments and grad
     # the memory estimate (main venv, abstract shapes only)
     .venv/bin/python benchmarks/aot_table.py --estimate
     # the compiles (in a venv with the .[tpu] extra, i.e. libtpu), then the markdown table
-    PYTHONPATH=. python benchmarks/aot_table.py --run --out /tmp/M_aot --markdown /tmp/M_aot/table.md
+    PYTHONPATH=. python benchmarks/aot_table.py --run --out out/aot --markdown out/aot/table.md
     PYTHONPATH=. python benchmarks/aot_table.py --run --only mllm-v5p64-fsdp-b512-dots --out /tmp/M_aot
     PYTHONPATH=. python benchmarks/aot_table.py --table --out /tmp/M_aot --markdown /tmp/t.md
 

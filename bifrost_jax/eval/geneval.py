@@ -1,4 +1,4 @@
-"""GenEval image generation, sharded over hosts and resumable (spec 10.1).
+"""GenEval image generation, sharded over hosts and resumable (docs/design.md §10.1).
 
 Layout (what GenEval's ``evaluate_images.py`` reads), for prompt ``index`` of ``evaluation_metadata.jsonl``::
 
