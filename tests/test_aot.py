@@ -622,3 +622,27 @@ def test_gpu_multinode_dry_run(tmp_path):
     _, out = _dry("gpu_multinode.sh", ["--", "true"], dict(NODE_RANK="1", NUM_NODES="2", COORDINATOR="a:1"),
                   tmp_path)
     assert "BIFROST_PROCESS_ID=1" in out
+
+
+def test_text_decode_target_tiny_traces_on_cpu_mesh():
+    """``bifrost aot --phase text-decode`` (configs/full/text_decode_aot.py with a tiny language model): one cached
+    decode step builds on a CPU mesh, donates its cache, and its analytic FLOPs (projections + MLP of the new tokens,
+    attention over the cache, the LM head) equal the traced matmul FLOPs."""
+    import ml_collections as mlc
+
+    from bifrost_jax.aot.text_decode import text_decode_target
+    from bifrost_jax.configs import load_config_file
+    from bifrost_jax.parallel.rules import axis_rules
+    from bifrost_jax.train.phase_configs import TINY_MLLM_TEXT, TINY_VISION
+
+    config = load_config_file(os.path.join(ROOT, "configs", "full", "text_decode_aot.py"),
+                              ["decode.batch=4", "decode.cache_length=16", "mesh.tensor=2"])
+    config.mllm.config.text = mlc.ConfigDict(TINY_MLLM_TEXT)
+    config.vision.config = mlc.ConfigDict(TINY_VISION)
+    mesh = aot.make_topology_mesh("cpu:4", dict(config.mesh))
+    target = text_decode_target(config, mesh)
+    with axis_rules(mesh):
+        counted = aot.count_flops(target.fn.trace(*target.args).jaxpr).flops
+    assert counted == pytest.approx(target.analytic.total, rel=1e-9)
+    assert "4 rows against 16 cached tokens" in target.description
+    assert aot.resolve_target(None, config)[0] == "text-decode"
