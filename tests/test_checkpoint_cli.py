@@ -33,9 +33,9 @@ def workdir(tmp_path_factory):
     params = {"controlnet": trained["params"]}
     state = TrainState(step=np.int32(3), params=params, opt_state=optax.adam(1e-3).init(params),
                        mutable={"batch_stats": {"controlnet": trained["batch_stats"]}}, ema_params=None,
-                       rng=jax.random.PRNGKey(0))
+                       rng=jax.random.PRNGKey(0), bad_steps=np.int32(0), bad_since=np.int32(0))
     path = str(tmp_path_factory.mktemp("work"))
-    manager = ckpt.make_manager(ckpt.checkpoint_dir(path, "controlnet"), keep=1, async_save=False)
+    manager = ckpt.make_manager(ckpt.checkpoint_dir(path, "controlnet"), async_save=False)
     ckpt.save_state(manager, state, config=ml_collections.ConfigDict({"phase": "controlnet"}))
     manager.wait_until_finished()
     manager.close()
