@@ -91,15 +91,29 @@ def jax_forward(module, variables, inputs, down=None, mid=None, mask=None):
                                             encoder_attention_mask=mask))
 
 
+_CASES = {}
+
+
+def load_case(name, tmp_path_factory):
+    """(name, torch UNet, its directory, Flax module, variables, latent size), built once per session."""
+    if name not in _CASES:
+        cfg, size = CASES[name]
+        model = randomize_(TorchUNet(**cfg), seed=3)
+        path = str(tmp_path_factory.mktemp(name))
+        model.save_pretrained(path)
+        module, variables = port.load("unet", path)
+        _CASES[name] = (name, model, path, module, variables, size)
+    return _CASES[name]
+
+
 @pytest.fixture(scope="module", params=sorted(CASES))
 def case(request, tmp_path_factory):
-    """(name, torch UNet, its directory, Flax module, variables, latent size)."""
-    cfg, size = CASES[request.param]
-    model = randomize_(TorchUNet(**cfg), seed=3)
-    path = str(tmp_path_factory.mktemp(request.param))
-    model.save_pretrained(path)
-    module, variables = port.load("unet", path)
-    return request.param, model, path, module, variables, size
+    return load_case(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def sdxl_case(tmp_path_factory):
+    return load_case("sdxl", tmp_path_factory)
 
 
 def test_unet_parity(case):
@@ -120,9 +134,10 @@ def test_unet_parity_with_controlnet_residuals(case):
     assert err <= TOL, f"{name}: UNet + ControlNet residuals rel err {err:.2e}"
 
 
-def test_unet_text_mask_and_scan(case):
-    """A text-padding mask (diffusers' -10000 bias vs a boolean mask) on the scanned layout."""
-    name, model, path, _, _, size = case
+def test_unet_text_mask_and_scan(sdxl_case):
+    """A text-padding mask (diffusers' -10000 bias vs a boolean mask) on the scanned layout (two-layer transformers
+    in the SDXL-style config)."""
+    name, model, path, _, _, size = sdxl_case
     module, variables = port.load("unet", path, scan_layers=True)
     inputs = unet_inputs(module.config, size, seed=2)
     mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
@@ -142,9 +157,9 @@ def test_unet_save_from_pretrained_round_trip(case, tmp_path):
     assert model_fields(back.config) == model_fields(model.config)
 
 
-def test_unet_port_errors(case, tmp_path):
+def test_unet_port_errors(sdxl_case, tmp_path):
     """Every missing, unexpected and wrong-shape key is named in one PortError."""
-    _, _, path, _, _, _ = case
+    _, _, path, _, _, _ = sdxl_case
     state = load_file(os.path.join(path, "diffusion_pytorch_model.safetensors"))
     del state["conv_in.bias"]
     state["extra.weight"] = np.zeros(3, np.float32)

@@ -23,6 +23,8 @@ _KIND_MODULES = {
     "latent-controlnet": "bifrost_jax.port.flux",
     "flux-vae": "bifrost_jax.port.vae",
     "unet": "bifrost_jax.port.unet",  # SD 1.x / 2.x / SDXL UNet2DConditionModel
+    "unet-controlnet": "bifrost_jax.port.unet",
+    "latent-unet-controlnet": "bifrost_jax.port.unet",
     "t5-encoder": "bifrost_jax.port.text",
     "clip-text": "bifrost_jax.port.text",
     "qwen2.5-vl": "bifrost_jax.port.qwen",

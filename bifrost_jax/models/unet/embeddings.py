@@ -43,5 +43,6 @@ def unet_time_embedding(module: nn.Module, cfg: UNet2DConditionConfig, timestep,
                              f"expected ({batch}, {cfg.text_embeds_dim}) and ({batch}, {cfg.num_time_ids})")
         time_embeds = sinusoid(time_ids.reshape(-1), cfg.addition_time_embed_dim).reshape(batch, -1)
         add = jnp.concatenate([text_embeds.astype(jnp.float32), time_embeds], axis=-1).astype(dtype)
-        emb = emb + MLPEmbedder(cfg.time_embed_dim, name="add_embedding", **kw)(add)
+        # diffusers builds add_embedding with TimestepEmbedding's default activation (silu), whatever act_fn is
+        emb = emb + MLPEmbedder(cfg.time_embed_dim, name="add_embedding", **{**kw, "act_fn": "silu"})(add)
     return emb
