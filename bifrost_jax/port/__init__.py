@@ -27,6 +27,7 @@ _KIND_MODULES = {
     "latent-unet-controlnet": "bifrost_jax.port.unet",
     "t5-encoder": "bifrost_jax.port.text",
     "clip-text": "bifrost_jax.port.text",
+    "clip-text-projection": "bifrost_jax.port.text",  # SDXL's text_encoder_2
     "qwen2.5-vl": "bifrost_jax.port.qwen",
     "bifrost-1": "bifrost_jax.port.bifrost",
     "inception-fid": "bifrost_jax.port.inception",  # pytorch-fid's Inception-v3 weights (a file, not a directory)
