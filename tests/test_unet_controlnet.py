@@ -20,6 +20,7 @@ from test_upsampler import TorchUpsampleBlock
 
 from bifrost_jax import port
 from bifrost_jax.models.unet import UNetControlNetConfig, UNet2DConditionConfig, controlnet_from_unet
+from bifrost_jax.port.base import export_mapped, write_json
 from bifrost_jax.port.unet import rule_key_map
 
 from diffusers import ControlNetModel as TorchControlNet  # noqa: E402
@@ -109,8 +110,6 @@ def test_from_unet_matches_diffusers(tmp_path):
 
 
 def _export(params):
-    from bifrost_jax.port.base import export_mapped
-
     return export_mapped(params, rule_key_map(params, "test"))
 
 
@@ -135,18 +134,15 @@ class TorchLatentEmbedding(torch.nn.Module):
         return self.conv_out(x)
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_latent_controlnet_parity_and_port(name, tmp_path):
-    """The latent ControlNet = torch upsampler -> torch latent embedding -> diffusers ControlNetModel body; loaded
-    from that state dict by the port (strict), same residuals; saved and loaded back identically."""
-    cfg, _ = CASES[name]
-    c_clip, grid, size = 6, (2, 3), (8, 12)
-    chans = (8, 4)  # one nearest-2x stage: grid (h, w) -> upsampled (2h, 2w) -> latents (4h, 4w)
-    body = randomize_(TorchControlNet(**controlnet_cfg(cfg)), seed=7)
-    body.controlnet_cond_embedding = randomize_(TorchLatentEmbedding(c_clip, chans, cfg["block_out_channels"][0]), 8)
+def torch_latent_controlnet(unet_cfg: dict, c_clip: int, grid, chans, seed: int):
+    """(ControlNetModel body with the latent embedding, upsampler, state dict, our config): the torch reference of
+    a latent UNet ControlNet; the body takes the upsampled (B, C_clip, 2h, 2w) map as ``controlnet_cond``."""
+    body = randomize_(TorchControlNet(**controlnet_cfg(unet_cfg)), seed=seed)
+    body.controlnet_cond_embedding = randomize_(
+        TorchLatentEmbedding(c_clip, chans, unet_cfg["block_out_channels"][0]), seed + 1)
     up = TorchUpsampleBlock(c_clip)
     with torch.no_grad():
-        randomize_(up, 9)
+        randomize_(up, seed + 2)
         for bn in (up.bn1, up.bn2):
             bn.running_mean.normal_(0, 0.3)
             bn.running_var.uniform_(0.5, 1.5)
@@ -155,17 +151,36 @@ def test_latent_controlnet_parity_and_port(name, tmp_path):
     config = UNetControlNetConfig.from_hf_config(
         {k: v for k, v in body.config.items() if not k.startswith("_")},
         conditioning_embedding_out_channels=chans, clip_latent_dim=c_clip, clip_grid=grid)
-    os.makedirs(tmp_path / "src")
-    save_file(state, str(tmp_path / "src" / "diffusion_pytorch_model.safetensors"))
-    from bifrost_jax.port.base import write_json
-    write_json(str(tmp_path / "src" / "config.json"), config.to_hf_config())
-    module, variables = port.load("latent-unet-controlnet", str(tmp_path / "src"))
+    return body, up.eval(), state, config
+
+
+def write_checkpoint(path, state, config) -> str:
+    os.makedirs(path, exist_ok=True)
+    save_file(state, os.path.join(path, "diffusion_pytorch_model.safetensors"))
+    write_json(os.path.join(path, "config.json"), config.to_hf_config())
+    return str(path)
+
+
+def torch_upsampled(up, tokens, grid):
+    """The torch upsampler's output as the NCHW map the body's embedding takes."""
+    with torch.no_grad():
+        upsampled = up(torch.from_numpy(np.asarray(tokens)), *grid)  # (B, 4hw, C) row-major
+    return upsampled.reshape(upsampled.shape[0], 2 * grid[0], 2 * grid[1], -1).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_latent_controlnet_parity_and_port(name, tmp_path):
+    """The latent ControlNet = torch upsampler -> torch latent embedding -> diffusers ControlNetModel body; loaded
+    from that state dict by the port (strict), same residuals; saved and loaded back identically."""
+    cfg, _ = CASES[name]
+    c_clip, grid, size = 6, (2, 3), (8, 12)
+    chans = (8, 4)  # one nearest-2x stage: grid (h, w) -> upsampled (2h, 2w) -> latents (4h, 4w)
+    body, up, state, config = torch_latent_controlnet(cfg, c_clip, grid, chans, seed=7)
+    module, variables = port.load("latent-unet-controlnet", write_checkpoint(tmp_path / "src", state, config))
 
     inputs = unet_inputs(config.unet, size)
     tokens = np.random.default_rng(11).standard_normal((2, grid[0] * grid[1], c_clip)).astype(np.float32)
-    with torch.no_grad():
-        upsampled = up.eval()(torch.from_numpy(tokens), *grid)  # (B, 4hw, C) row-major
-        cond = upsampled.reshape(2, 2 * grid[0], 2 * grid[1], c_clip).permute(0, 3, 1, 2)
+    cond = torch_upsampled(up, tokens, grid)
     ref = torch_residuals(body, inputs, cond)
     got = jax_residuals(module, variables, {**inputs, "controlnet_cond": tokens})
     err = residual_err(got, ref)
