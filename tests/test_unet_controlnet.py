@@ -15,7 +15,7 @@ import torch
 from conftest import max_rel_err
 from safetensors.numpy import save_file
 from test_flux_parity import randomize_
-from test_unet_parity import CASES, nchw, nhwc, unet_inputs
+from test_unet_parity import CASES, nchw, nhwc, torch_added, unet_inputs
 from test_upsampler import TorchUpsampleBlock
 
 from bifrost_jax import port
@@ -41,7 +41,7 @@ def torch_residuals(model, inputs, cond, **kw):
     with torch.no_grad():
         down, mid = model(nchw(inputs["sample"]), torch.from_numpy(inputs["timestep"]),
                           torch.from_numpy(inputs["encoder_hidden_states"]), cond,
-                          added_cond_kwargs=None if added is None else {k: torch.from_numpy(v) for k, v in added.items()},
+                          added_cond_kwargs=torch_added(added),
                           return_dict=False, **kw)
     return [nhwc(d) for d in down], nhwc(mid)
 

@@ -74,12 +74,16 @@ def model_fields(config) -> dict:
     return json.loads(json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")}))
 
 
+def torch_added(added):
+    return None if added is None else {k: torch.from_numpy(v) for k, v in added.items()}
+
+
 def torch_forward(model, inputs, down=None, mid=None, mask=None):
     added = inputs["added_cond_kwargs"]
     with torch.no_grad():
         return nhwc(model(nchw(inputs["sample"]), torch.from_numpy(inputs["timestep"]),
                           torch.from_numpy(inputs["encoder_hidden_states"]),
-                          added_cond_kwargs=None if added is None else {k: torch.from_numpy(v) for k, v in added.items()},
+                          added_cond_kwargs=torch_added(added),
                           down_block_additional_residuals=None if down is None else [nchw(d) for d in down],
                           mid_block_additional_residual=None if mid is None else nchw(mid),
                           encoder_attention_mask=None if mask is None else torch.from_numpy(mask)).sample)
@@ -183,3 +187,15 @@ def test_unet_config_errors():
         UNet2DConditionConfig(**{**SD_CFG, "attention_head_dim": (2, 4, 8)})
     cfg = UNet2DConditionConfig(**XL_CFG)
     assert json.loads(json.dumps(cfg.to_hf_config()))["addition_embed_type"] == "text_time"
+
+
+def test_unet_bfloat16_compute(sdxl_case):
+    """bf16 compute with fp32 parameters (norms and softmax in fp32) stays close to the fp32 reference."""
+    name, model, path, _, _, size = sdxl_case
+    module, variables = port.load("unet", path, compute_dtype=jnp.bfloat16, remat_policy="full")
+    assert jax.tree.leaves(variables)[0].dtype == jnp.float32
+    inputs = unet_inputs(module.config, size)
+    out = jax_forward(module, variables, inputs)
+    assert out.dtype == jnp.bfloat16
+    err = max_rel_err(out.astype(np.float32), torch_forward(model, inputs))
+    assert err <= 3e-2, f"{name}: bf16 UNet rel err {err:.2e}"

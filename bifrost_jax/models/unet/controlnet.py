@@ -7,12 +7,13 @@ zero-initialised 1x1 conv (``controlnet_down_blocks.{i}``, ``controlnet_mid_bloc
 ``__call__`` returns ``(down_block_res_samples (list), mid_block_res_sample)`` like diffusers' ``return_dict=False``.
 
 - ``UNetControlNetModel``: the condition is a pixel-space image (B, 8h, 8w, conditioning_channels) through
-  ``ControlNetConditioningEmbedding`` (3x3 convs, stride-2 stages, zero-init ``conv_out``). ``guess_mode``,
-  ``global_pool_conditions`` and the "bgr" channel order behave as diffusers'.
+  ``ConditioningEmbedding`` (diffusers' ``ControlNetConditioningEmbedding``: 3x3 convs, stride-2 stages,
+  zero-init ``conv_out``). ``guess_mode``, ``global_pool_conditions`` and the "bgr" channel order behave as
+  diffusers'.
 - ``LatentUNetControlNet``: the condition is the patch-level CLIP-latent grid (B, h*w, C_clip) (``clip_grid`` = (h, w))
-  -> the learned 2x ``LatentUpsampler`` (BatchNorm, as for FLUX) -> ``LatentConditioningEmbedding`` (3x3 convs with
-  ``len(conditioning_embedding_out_channels) - 1`` nearest-2x stages, zero-init ``conv_out``) to the UNet's latent
-  resolution (2h * 2**stages, 2w * 2**stages), added after ``conv_in``. The arithmetic is in docs/unet.md.
+  -> the learned 2x ``LatentUpsampler`` (BatchNorm, as for FLUX) -> ``ConditioningEmbedding(upsample=True)`` (3x3
+  convs with ``len(conditioning_embedding_out_channels) - 1`` nearest-2x stages, zero-init ``conv_out``) to the
+  UNet's latent resolution (2h * 2**stages, 2w * 2**stages), added after ``conv_in``. The arithmetic is in docs/unet.md.
   ``embed_condition`` is timestep-independent: compute it once per image and pass it as
   ``controlnet_cond_embedding`` at every denoising step. Training updates the BatchNorm statistics:
   ``apply(..., train=True, mutable=["batch_stats"])``.
@@ -152,10 +153,14 @@ def _zero_conv(features: int, kernel_size: int, name: str, dtype, param_dtype) -
                   dtype=dtype, param_dtype=param_dtype, name=name)
 
 
-class ControlNetConditioningEmbedding(nn.Module):
-    """diffusers' pixel-space hint encoder: conv_in, (conv, stride-2 conv) per stage with SiLU, zero conv_out."""
+class ConditioningEmbedding(nn.Module):
+    """The condition -> ``conv_in`` width: conv_in (-> c_0), per stage (conv c_i -> c_i, a 2x resampling conv
+    c_i -> c_{i+1}) with SiLU, zero-initialised conv_out. ``upsample=False``: diffusers' pixel-space hint encoder
+    (stride-2 convs, ``ControlNetConditioningEmbedding``); ``upsample=True``: the latent one (nearest 2x, then a
+    3x3 conv)."""
     conditioning_embedding_channels: int
     block_out_channels: tuple[int, ...] = PIXEL_EMBEDDING_CHANNELS
+    upsample: bool = False
     dtype: Dtype = jnp.bfloat16
     param_dtype: Dtype = jnp.float32
 
@@ -166,27 +171,10 @@ class ControlNetConditioningEmbedding(nn.Module):
         x = jax.nn.silu(Conv2d(chans[0], 3, padding=1, name="conv_in", **kw)(x))
         for i in range(len(chans) - 1):
             x = jax.nn.silu(Conv2d(chans[i], 3, padding=1, name=f"blocks_{2 * i}", **kw)(x))
-            x = jax.nn.silu(Conv2d(chans[i + 1], 3, stride=2, padding=1, name=f"blocks_{2 * i + 1}", **kw)(x))
-        return _zero_conv(self.conditioning_embedding_channels, 3, "conv_out", **kw)(x)
-
-
-class LatentConditioningEmbedding(nn.Module):
-    """The upsampled CLIP-latent map -> the UNet's latent resolution: conv_in (C_clip -> c_0), per stage (conv,
-    nearest 2x, conv c_i -> c_{i+1}) with SiLU, zero conv_out (-> the UNet's first block width)."""
-    conditioning_embedding_channels: int
-    block_out_channels: tuple[int, ...]
-    dtype: Dtype = jnp.bfloat16
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        chans = self.block_out_channels
-        x = jax.nn.silu(Conv2d(chans[0], 3, padding=1, name="conv_in", **kw)(x))
-        for i in range(len(chans) - 1):
-            x = jax.nn.silu(Conv2d(chans[i], 3, padding=1, name=f"blocks_{2 * i}", **kw)(x))
-            x = nearest_upsample2x(x)
-            x = jax.nn.silu(Conv2d(chans[i + 1], 3, padding=1, name=f"blocks_{2 * i + 1}", **kw)(x))
+            if self.upsample:
+                x = nearest_upsample2x(x)
+            x = jax.nn.silu(Conv2d(chans[i + 1], 3, stride=1 if self.upsample else 2, padding=1,
+                                   name=f"blocks_{2 * i + 1}", **kw)(x))
         return _zero_conv(self.conditioning_embedding_channels, 3, "conv_out", **kw)(x)
 
 
@@ -203,7 +191,7 @@ class UNetControlNetModel(nn.Module):
         cfg = self.config
         if cfg.is_latent:
             raise ValueError("UNetControlNetModel: config has clip_latent_dim/clip_grid; use LatentUNetControlNet")
-        self.controlnet_cond_embedding = ControlNetConditioningEmbedding(
+        self.controlnet_cond_embedding = ConditioningEmbedding(
             cfg.block_out_channels[0], cfg.conditioning_embedding_out_channels, dtype=self.dtype,
             param_dtype=self.param_dtype)
 
@@ -283,8 +271,8 @@ class LatentUNetControlNet(UNetControlNetModel):
             raise ValueError("LatentUNetControlNet: config needs clip_latent_dim and clip_grid")
         self.up_sampling_block = LatentUpsampler(cfg.clip_latent_dim, cfg.clip_grid, dtype=self.dtype,
                                                  param_dtype=self.param_dtype)
-        self.controlnet_cond_embedding = LatentConditioningEmbedding(
-            cfg.block_out_channels[0], cfg.conditioning_embedding_out_channels, dtype=self.dtype,
+        self.controlnet_cond_embedding = ConditioningEmbedding(
+            cfg.block_out_channels[0], cfg.conditioning_embedding_out_channels, upsample=True, dtype=self.dtype,
             param_dtype=self.param_dtype)
 
     def embed_condition(self, controlnet_cond, train: bool = False):
@@ -383,10 +371,10 @@ def controlnet_from_unet(unet_variables, unet_config: UNet2DConditionConfig, *, 
         params["up_sampling_block"] = up_vars["params"]
         variables["batch_stats"] = {"up_sampling_block": up_vars["batch_stats"]}
         gh, gw = config.clip_grid
-        embed = LatentConditioningEmbedding(config.block_out_channels[0], channels, **kw)
+        embed = ConditioningEmbedding(config.block_out_channels[0], channels, upsample=True, **kw)
         cond = jnp.zeros((1, 2 * gh, 2 * gw, config.clip_latent_dim), jnp.float32)
     else:
-        embed = ControlNetConditioningEmbedding(config.block_out_channels[0], channels, **kw)
+        embed = ConditioningEmbedding(config.block_out_channels[0], channels, **kw)
     params["controlnet_cond_embedding"] = nn.meta.unbox(jax.jit(embed.init)(embed_key, cond))["params"]
     variables["params"] = params
     want = jax.tree.map(lambda s: (s.shape, jnp.dtype(s.dtype)), shapes)

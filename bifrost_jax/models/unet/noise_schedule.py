@@ -97,6 +97,16 @@ class ScheduleConfig:
         rounded once, as torch's CPU ``cumprod`` does (diffusers' table to ~4e-7 relative)."""
         return np.cumprod((np.float32(1.0) - self.betas()).astype(np.float64)).astype(np.float32)
 
+    def sigmas(self, timesteps, final_sigmas_type: str = "zero") -> np.ndarray:
+        """float32 (len(timesteps) + 1,): sqrt((1 - alpha_bar) / alpha_bar) interpolated at the (possibly
+        fractional) timesteps, then the final sigma: 0 ("zero") or that of t = 0 ("sigma_min"), as diffusers'
+        sigma-space schedulers."""
+        ac = self.alphas_cumprod()
+        train = ((1 - ac) / ac) ** 0.5
+        last = train[0] if final_sigmas_type == "sigma_min" else 0.0
+        sigmas = np.interp(np.asarray(timesteps), np.arange(len(train)), train)
+        return np.concatenate([sigmas, [last]]).astype(np.float32)
+
 
 def _per_example(values, like):
     """(B,) schedule values broadcast against (B, ...) ``like``."""

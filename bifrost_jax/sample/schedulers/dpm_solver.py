@@ -54,12 +54,8 @@ class DPMSolverMultistepConfig(ScheduleConfig):
 class DPMSolverPlan(Plan):
     def __init__(self, config: DPMSolverMultistepConfig, n: int):
         self.config = config
-        ac = config.alphas_cumprod()
-        train_sigmas = ((1 - ac) / ac) ** 0.5
         self.timesteps = dpm_timesteps(config.num_train_timesteps, n, config.timestep_spacing, config.steps_offset)
-        sigmas = np.interp(self.timesteps, np.arange(len(train_sigmas)), train_sigmas)
-        last = train_sigmas[0] if config.final_sigmas_type == "sigma_min" else 0.0
-        sigmas = np.concatenate([sigmas, [last]]).astype(np.float32)
+        sigmas = config.sigmas(self.timesteps, config.final_sigmas_type)
         steps = len(self.timesteps)
         with np.errstate(divide="ignore"):
             alpha = (1 / (sigmas.astype(np.float64) ** 2 + 1) ** 0.5)

@@ -42,12 +42,8 @@ class EulerDiscreteConfig(ScheduleConfig):
 class EulerPlan(Plan):
     def __init__(self, config: EulerDiscreteConfig, n: int):
         self.config = config
-        ac = config.alphas_cumprod()
-        train_sigmas = ((1 - ac) / ac) ** 0.5
         self.timesteps = euler_timesteps(config.num_train_timesteps, n, config.timestep_spacing, config.steps_offset)
-        sigmas = np.interp(self.timesteps, np.arange(len(train_sigmas)), train_sigmas)
-        last = train_sigmas[0] if config.final_sigmas_type == "sigma_min" else 0.0
-        sigmas = np.concatenate([sigmas, [last]]).astype(np.float32)
+        sigmas = config.sigmas(self.timesteps, config.final_sigmas_type)
         self._sigmas = table(sigmas)
         top = float(sigmas.max())
         self.init_noise_sigma = top if config.timestep_spacing in ("linspace", "trailing") else (top ** 2 + 1) ** 0.5
