@@ -59,7 +59,8 @@ def make_batch(cfg, args, seed=0):
 
 def torch_step_fn(model, batch, target, lr, threads):
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    tb = {k: torch.from_numpy(v) for k, v in batch.items()}
+    tb = {k: (None if v is None else {kk: torch.from_numpy(vv) for kk, vv in v.items()} if isinstance(v, dict)
+              else torch.from_numpy(v)) for k, v in batch.items()}
     tt = torch.from_numpy(target)
     model.train()
 
@@ -77,7 +78,7 @@ def torch_step_fn(model, batch, target, lr, threads):
 def jax_step_fn(module, params, batch, target, lr):
     tx = optax.adamw(lr, weight_decay=1e-4)
     opt_state = tx.init(params)
-    jb = {k: jnp.asarray(v) for k, v in batch.items()}
+    jb = jax.tree.map(jnp.asarray, batch)
     jt = jnp.asarray(target)
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
@@ -144,6 +145,17 @@ def main():
     for name, (m, p) in modules.items():
         steps[name] = jax_step_fn(m, p, batch, target, 1e-5)
 
+    title = (f"FLUX train step: {args.double} double + {args.single} single blocks, {args.heads} heads x 128 "
+             f"(width {args.heads * 128}), {args.grid}x{args.grid}={args.grid ** 2} image tokens, "
+             f"{args.text} text tokens, "
+             f"batch {args.batch}, {n_params / 1e6:.1f}M params, AdamW; JAX scan={args.scan}, "
+             f"JAX threads={'1' if args.jax_single_thread else 'all'}")
+    time_and_report(steps, args, title, load_before)
+
+
+def time_and_report(steps: dict, args, title: str, load_before: str) -> None:
+    """Warm every step function up (``args.warmup`` calls, the JAX compile included), time ``args.repeats``
+    interleaved rounds and print the markdown table with the ratio to the fastest PyTorch row."""
     first = {}
     for name, fn in steps.items():  # warm-up (includes the JAX compile)
         first[name] = timed(fn)[0]
@@ -156,13 +168,10 @@ def main():
             dt, losses[name] = timed(fn)
             times[name].append(dt)
 
-    print(f"FLUX train step: {args.double} double + {args.single} single blocks, {args.heads} heads x 128 "
-          f"(width {args.heads * 128}), {args.grid}x{args.grid}={args.grid ** 2} image tokens, "
-          f"{args.text} text tokens, "
-          f"batch {args.batch}, {n_params / 1e6:.1f}M params, AdamW; JAX scan={args.scan}, "
-          f"JAX threads={'1' if args.jax_single_thread else 'all'}")
+    print(title)
     print(f"host: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, jax {jax.__version__} "
-          f"({jax.default_backend()}), torch {torch.__version__}; load average before: {load_before}")
+          f"({jax.default_backend()}), torch {torch.__version__}; load average before: {load_before}, after: "
+          + " ".join(f"{x:.1f}" for x in os.getloadavg()))
     torch_rows = [k for k in steps if k.startswith("torch")]
     base = min(statistics.median(times[k]) for k in torch_rows)
     print(f"| {'implementation':<24} | first step (s) | median step (s) | min (s) | best torch / this |")
@@ -171,8 +180,8 @@ def main():
         med = statistics.median(times[name])
         print(f"| {name:<24} | {first[name]:14.3f} | {med:15.3f} | {min(times[name]):7.3f} | {base / med:17.2f} |")
     print(f"ratio (fastest torch eager median / jax fp32 median): {base / statistics.median(times['jax fp32']):.2f}"
-          f"  (>1: JAX faster); last losses: " + ", ".join(f"{k}={v:.4f}" for k, v in losses.items()))
-
+          f"  (>1: JAX faster); jax / torch time: {statistics.median(times['jax fp32']) / base:.2f}; last losses: "
+          + ", ".join(f"{k}={v:.4f}" for k, v in losses.items()))
 
 if __name__ == "__main__":
     main()

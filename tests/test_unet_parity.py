@@ -199,3 +199,18 @@ def test_unet_bfloat16_compute(sdxl_case):
     assert out.dtype == jnp.bfloat16
     err = max_rel_err(out.astype(np.float32), torch_forward(model, inputs))
     assert err <= 3e-2, f"{name}: bf16 UNet rel err {err:.2e}"
+
+
+def test_unet_input_errors(sdxl_case):
+    """Wrong inputs are named at the call, not deep inside a block."""
+    _, _, _, module, variables, size = sdxl_case
+    inputs = jax.tree.map(jnp.asarray, unet_inputs(module.config, size))
+    with pytest.raises(ValueError, match="encoder_hidden_states"):
+        module.apply(variables, **{**inputs, "encoder_hidden_states": inputs["encoder_hidden_states"][..., :7]})
+    with pytest.raises(ValueError, match="NHWC"):
+        module.apply(variables, **{**inputs, "sample": jnp.moveaxis(inputs["sample"], -1, 1)})
+    with pytest.raises(ValueError, match="time_ids"):
+        module.apply(variables, **{**inputs, "added_cond_kwargs": None})
+    down = [jnp.zeros(s) for s in skip_shapes(module.config, B, *size)]
+    with pytest.raises(ValueError, match="mid_block_additional_residual"):
+        module.apply(variables, **inputs, down_block_additional_residuals=down)

@@ -138,6 +138,9 @@ class UNet2DConditionConfig:
             if any(not isinstance(v, int) or isinstance(v, bool) for v in values):
                 raise ValueError(f"UNet config: {f}={getattr(self, f)!r} must be an int or one int per block "
                                  "(nested per-layer lists are not supported)")
+        if len(set(self.cross_dims)) != 1:
+            raise ValueError(f"UNet config: cross_attention_dim={list(self.cross_dims)} differs between blocks; one "
+                             "text width is supported (every block reads the same encoder_hidden_states)")
         for i, c in enumerate(self.block_out_channels):
             if c % self.norm_num_groups:
                 raise ValueError(f"UNet config: block_out_channels[{i}]={c} is not divisible by norm_num_groups="

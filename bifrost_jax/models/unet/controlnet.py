@@ -33,7 +33,7 @@ from bifrost_jax.models.flux.upsampler import LatentUpsampler
 from bifrost_jax.models.flux.vae import Conv2d, nearest_upsample2x
 from bifrost_jax.models.unet.config import (CROSS_DOWN, CROSS_MID, CROSS_UP, PLAIN_UP, UNet2DConditionConfig,
                                             check_unsupported)
-from bifrost_jax.models.unet.unet import check_sample, down_path, embed_and_conv_in, mid_block
+from bifrost_jax.models.unet.unet import check_inputs, down_path, embed_and_conv_in, mid_block
 
 Dtype = Any
 _META_KEYS = ("_class_name", "_diffusers_version", "_name_or_path", "_use_default_values")
@@ -208,7 +208,7 @@ class UNetControlNetModel(nn.Module):
                  controlnet_cond_embedding=None, train: bool = False):
         cfg = self.config
         unet_cfg = cfg.unet
-        check_sample(unet_cfg, sample, type(self).__name__)
+        check_inputs(unet_cfg, sample, encoder_hidden_states, type(self).__name__)
         context = encoder_hidden_states.astype(self.dtype)
         h, emb = embed_and_conv_in(self, unet_cfg, sample, timestep, added_cond_kwargs)
         if controlnet_cond_embedding is None:

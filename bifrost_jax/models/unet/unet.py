@@ -39,10 +39,14 @@ def _stage_kw(module) -> dict:
                 remat_policy=module.remat_policy, attention_impl=module.attention_impl)
 
 
-def check_sample(cfg: UNet2DConditionConfig, sample, what: str) -> None:
+def check_inputs(cfg: UNet2DConditionConfig, sample, encoder_hidden_states, what: str) -> None:
     if sample.ndim != 4 or sample.shape[-1] != cfg.in_channels:
         raise ValueError(f"{what}: sample must be NHWC latents with {cfg.in_channels} channels, got shape "
                          f"{sample.shape}")
+    if (encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[-1] != cfg.cross_dims[0]
+            or encoder_hidden_states.shape[0] != sample.shape[0]):
+        raise ValueError(f"{what}: encoder_hidden_states must be ({sample.shape[0]}, tokens, {cfg.cross_dims[0]}) "
+                         f"(cross_attention_dim), got shape {encoder_hidden_states.shape}")
 
 
 def embed_and_conv_in(module: nn.Module, cfg: UNet2DConditionConfig, sample, timestep, added_cond_kwargs):
@@ -102,7 +106,7 @@ class UNet2DConditionModel(nn.Module):
                  down_block_additional_residuals: Optional[Sequence] = None,
                  mid_block_additional_residual=None, encoder_attention_mask=None):
         cfg = self.config
-        check_sample(cfg, sample, "UNet2DConditionModel")
+        check_inputs(cfg, sample, encoder_hidden_states, "UNet2DConditionModel")
         factor = 2 ** cfg.num_upsamplers
         forward_upsample_size = any(d % factor for d in sample.shape[1:3])
         context = encoder_hidden_states.astype(self.dtype)
