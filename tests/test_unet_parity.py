@@ -214,3 +214,20 @@ def test_unet_input_errors(sdxl_case):
     down = [jnp.zeros(s) for s in skip_shapes(module.config, B, *size)]
     with pytest.raises(ValueError, match="mid_block_additional_residual"):
         module.apply(variables, **inputs, down_block_additional_residuals=down)
+
+
+def test_unet_remat_policy_applies(sdxl_case):
+    """remat_policy wraps the resnet and transformer blocks in checkpoints (traced only: the gradients of a remat
+    program are JAX's to keep equal)."""
+    _, _, path, _, _, size = sdxl_case
+    inputs = jax.tree.map(jnp.asarray, unet_inputs(UNet2DConditionConfig(**XL_CFG), size))
+    programs = {}
+    for policy in ("none", "full"):
+        module, variables = port.load("unet", path, scan_layers=True, remat_policy=policy)
+
+        def loss(params):
+            return jnp.mean(jnp.square(module.apply({"params": params}, **inputs)))
+
+        programs[policy] = str(jax.make_jaxpr(jax.grad(loss))(variables["params"]))
+    # 2 resnets + 1 transformer scan per down / up block and the mid block's 2 resnets + 1 scan, at least
+    assert "remat" not in programs["none"] and programs["full"].count("remat") >= 8
