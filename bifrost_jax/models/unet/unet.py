@@ -76,10 +76,13 @@ def mid_block(module: nn.Module, cfg: UNet2DConditionConfig, h, emb, context, ma
     return MidBlock2DCrossAttn(cfg, cfg.num_blocks - 1, name="mid_block", **_stage_kw(module))(h, emb, context, mask)
 
 
-def _check_residuals(skips, down_res, mid_res, mid_shape):
+def _check_residual_pair(down_res, mid_res):
     if (down_res is None) != (mid_res is None):
         raise ValueError("UNet: pass both down_block_additional_residuals and mid_block_additional_residual "
                          "(ControlNet residuals), or neither")
+
+
+def _check_residuals(skips, down_res, mid_res, mid_shape):
     if down_res is None:
         return
     if len(down_res) != len(skips):
@@ -107,6 +110,7 @@ class UNet2DConditionModel(nn.Module):
                  mid_block_additional_residual=None, encoder_attention_mask=None):
         cfg = self.config
         check_inputs(cfg, sample, encoder_hidden_states, "UNet2DConditionModel")
+        _check_residual_pair(down_block_additional_residuals, mid_block_additional_residual)
         factor = 2 ** cfg.num_upsamplers
         forward_upsample_size = any(d % factor for d in sample.shape[1:3])
         context = encoder_hidden_states.astype(self.dtype)
