@@ -33,7 +33,8 @@ from bifrost_jax.models.flux.upsampler import LatentUpsampler
 from bifrost_jax.models.flux.vae import Conv2d, nearest_upsample2x
 from bifrost_jax.models.unet.config import (CROSS_DOWN, CROSS_MID, CROSS_UP, PLAIN_UP, UNet2DConditionConfig,
                                             check_unsupported)
-from bifrost_jax.models.unet.unet import check_inputs, down_path, embed_and_conv_in, mid_block
+from bifrost_jax.models.unet.unet import (check_inputs, down_path, dummy_added_cond_kwargs, embed_and_conv_in,
+                                          mid_block)
 
 Dtype = Any
 _META_KEYS = ("_class_name", "_diffusers_version", "_name_or_path", "_use_default_values")
@@ -251,14 +252,10 @@ class UNetControlNetModel(nn.Module):
             size = (latent, latent)
             f = 2 ** cfg.conditioning_stages
             cond = jnp.zeros((batch, latent * f, latent * f, cfg.conditioning_channels), jnp.float32)
-        added = None
-        if unet_cfg.addition_embed_type == "text_time":
-            added = {"text_embeds": jnp.zeros((batch, unet_cfg.text_embeds_dim), jnp.float32),
-                     "time_ids": jnp.zeros((batch, unet_cfg.num_time_ids), jnp.float32)}
         return dict(sample=jnp.zeros((batch, *size, cfg.in_channels), jnp.float32),
                     timestep=jnp.zeros((batch,), jnp.float32),
                     encoder_hidden_states=jnp.zeros((batch, text_len, cfg.cross_attention_dim), jnp.float32),
-                    controlnet_cond=cond, added_cond_kwargs=added)
+                    controlnet_cond=cond, added_cond_kwargs=dummy_added_cond_kwargs(unet_cfg, batch))
 
 
 class LatentUNetControlNet(UNetControlNetModel):

@@ -142,14 +142,18 @@ class UNet2DConditionModel(nn.Module):
         """Small inputs with the right trailing shapes (for ``init`` / ``eval_shape``)."""
         cfg = self.config
         size = 2 ** cfg.num_upsamplers
-        added = None
-        if cfg.addition_embed_type == "text_time":
-            added = {"text_embeds": jnp.zeros((batch, cfg.text_embeds_dim), jnp.float32),
-                     "time_ids": jnp.zeros((batch, cfg.num_time_ids), jnp.float32)}
         return dict(sample=jnp.zeros((batch, size, size, cfg.in_channels), jnp.float32),
                     timestep=jnp.zeros((batch,), jnp.float32),
                     encoder_hidden_states=jnp.zeros((batch, text_len, cfg.cross_dims[0]), jnp.float32),
-                    added_cond_kwargs=added)
+                    added_cond_kwargs=dummy_added_cond_kwargs(cfg, batch))
+
+
+def dummy_added_cond_kwargs(cfg: UNet2DConditionConfig, batch: int) -> Optional[dict]:
+    """Zero SDXL ``added_cond_kwargs`` of the right shapes (None without ``text_time``)."""
+    if cfg.addition_embed_type != "text_time":
+        return None
+    return {"text_embeds": jnp.zeros((batch, cfg.text_embeds_dim), jnp.float32),
+            "time_ids": jnp.zeros((batch, cfg.num_time_ids), jnp.float32)}
 
 
 def skip_shapes(config: UNet2DConditionConfig, batch: int, height: int, width: int) -> list[tuple[int, ...]]:
