@@ -138,7 +138,7 @@ def test_unet_parity_with_controlnet_residuals(case):
     assert err <= TOL, f"{name}: UNet + ControlNet residuals rel err {err:.2e}"
 
 
-def test_unet_text_mask_and_scan(sdxl_case):
+def test_unet_text_mask_and_scan(sdxl_case, tmp_path):
     """A text-padding mask (diffusers' -10000 bias vs a boolean mask) on the scanned layout (two-layer transformers
     in the SDXL-style config)."""
     name, model, path, _, _, size = sdxl_case
@@ -148,6 +148,10 @@ def test_unet_text_mask_and_scan(sdxl_case):
     ref = torch_forward(model, inputs, mask=mask)
     err = max_rel_err(jax_forward(module, variables, inputs, mask=jnp.asarray(mask)), ref)
     assert err <= TOL, f"{name}: scanned UNet with a text mask rel err {err:.2e}"
+    # the scanned layout exports the per-layer keys
+    port.save("unet", module, variables, str(tmp_path))
+    back = TorchUNet.from_pretrained(str(tmp_path)).state_dict()
+    assert all(torch.equal(back[k], v) for k, v in model.state_dict().items())
 
 
 def test_unet_save_from_pretrained_round_trip(case, tmp_path):

@@ -97,6 +97,7 @@ def _check_residuals(skips, down_res, mid_res, mid_shape):
 
 
 class UNet2DConditionModel(nn.Module):
+    """diffusers ``UNet2DConditionModel`` (see the module docstring); returns the (B, H, W, out_channels) prediction."""
     config: UNet2DConditionConfig
     dtype: Dtype = jnp.bfloat16
     param_dtype: Dtype = jnp.float32
