@@ -90,6 +90,19 @@ def test_dpm_solver_variants(solver_type, steps, final):
     assert max(max_rel_err(g, r) for g, r in zip(got, ref)) <= TOL
 
 
+@pytest.mark.parametrize("kind,steps", [("euler", 12), ("dpm++2m", 20), ("dpm++2m", 10)])
+def test_karras_sigmas(kind, steps):
+    """use_karras_sigmas: the Karras noise levels, fractional (Euler) or rounded (DPM) timesteps, whole runs."""
+    torch_cls, ours = PAIRS[kind]
+    cfg = {**SD_SCHEDULER, "use_karras_sigmas": True, "timestep_spacing": "leading"}
+    x = np.random.default_rng(6).standard_normal((1, 4, 4, 4)).astype(np.float32)
+    scheduler, ref = run_torch(torch_cls.from_config(cfg), x, steps)
+    plan = ours.from_hf_config(cfg).set_timesteps(steps)
+    np.testing.assert_allclose(plan.timesteps, scheduler.timesteps.numpy(), rtol=1e-6)
+    got = run_jax(plan, x)
+    assert max(max_rel_err(g, r) for g, r in zip(got, ref)) <= TOL
+
+
 def test_ddim_eta_and_clip():
     cfg = {**SD_SCHEDULER, "clip_sample": True, "set_alpha_to_one": True}
     rng = np.random.default_rng(2)

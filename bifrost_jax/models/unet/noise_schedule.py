@@ -97,15 +97,41 @@ class ScheduleConfig:
         rounded once, as torch's CPU ``cumprod`` does (diffusers' table to ~4e-7 relative)."""
         return np.cumprod((np.float32(1.0) - self.betas()).astype(np.float64)).astype(np.float32)
 
-    def sigmas(self, timesteps, final_sigmas_type: str = "zero") -> np.ndarray:
-        """float32 (len(timesteps) + 1,): sqrt((1 - alpha_bar) / alpha_bar) interpolated at the (possibly
-        fractional) timesteps, then the final sigma: 0 ("zero") or that of t = 0 ("sigma_min"), as diffusers'
-        sigma-space schedulers."""
+    def train_sigmas(self) -> np.ndarray:
+        """sqrt((1 - alpha_bar) / alpha_bar) per training timestep, float32."""
         ac = self.alphas_cumprod()
-        train = ((1 - ac) / ac) ** 0.5
-        last = train[0] if final_sigmas_type == "sigma_min" else 0.0
+        return ((1 - ac) / ac) ** 0.5
+
+    def sigmas(self, timesteps, final_sigmas_type: str = "zero") -> np.ndarray:
+        """float32 (len(timesteps) + 1,): the training sigmas interpolated at the (possibly fractional) timesteps,
+        then the final sigma: 0 ("zero") or that of t = 0 ("sigma_min"), as diffusers' sigma-space schedulers."""
+        train = self.train_sigmas()
         sigmas = np.interp(np.asarray(timesteps), np.arange(len(train)), train)
+        return self.append_final_sigma(sigmas, final_sigmas_type)
+
+    def append_final_sigma(self, sigmas, final_sigmas_type: str) -> np.ndarray:
+        last = self.train_sigmas()[0] if final_sigmas_type == "sigma_min" else 0.0
         return np.concatenate([sigmas, [last]]).astype(np.float32)
+
+    def sigma_to_t(self, sigmas) -> np.ndarray:
+        """The fractional timesteps of ``sigmas``: linear interpolation in log sigma between the neighbouring
+        training timesteps (diffusers ``_sigma_to_t``)."""
+        log_sigmas = np.log(self.train_sigmas())
+        log_sigma = np.log(np.maximum(np.asarray(sigmas), 1e-10))
+        dists = log_sigma[None, :] - log_sigmas[:, None]
+        low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=len(log_sigmas) - 2)
+        w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
+        return (1 - w) * low + w * (low + 1)
+
+
+def karras_sigmas(in_sigmas, n: int, sigma_min: Optional[float] = None, sigma_max: Optional[float] = None,
+                  rho: float = 7.0) -> np.ndarray:
+    """Karras et al. (2022) noise levels: ``n`` points evenly spaced in sigma^(1/rho) from sigma_max (default
+    ``in_sigmas[0]``) down to sigma_min (default ``in_sigmas[-1]``) (diffusers ``_convert_to_karras``)."""
+    lo = float(in_sigmas[-1]) if sigma_min is None else sigma_min
+    hi = float(in_sigmas[0]) if sigma_max is None else sigma_max
+    ramp = np.linspace(0, 1, n)
+    return (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
 
 
 def _per_example(values, like):

@@ -1,5 +1,6 @@
 """diffusers ``DPMSolverMultistepScheduler`` with ``algorithm_type="dpmsolver++"`` (DPM-Solver++ 1S/2M, midpoint or
-heun), the scheduler SD and SDXL pipelines default to for fast sampling.
+heun), the scheduler SD and SDXL pipelines default to for fast sampling, with Karras sigmas
+(``use_karras_sigmas``: "DPM++ 2M Karras") or the spaced timesteps.
 
 The model output is turned into x_0; step i uses x_0 at i (and at i-1 for the second order). diffusers' order
 rules: the first step, and the last one with ``lower_order_final`` when there are fewer than 15 steps,
@@ -12,7 +13,7 @@ import dataclasses
 
 import numpy as np
 
-from bifrost_jax.models.unet.noise_schedule import ScheduleConfig, predict_x0_eps
+from bifrost_jax.models.unet.noise_schedule import ScheduleConfig, karras_sigmas, predict_x0_eps
 from bifrost_jax.sample.schedulers.base import Plan, table
 
 
@@ -43,7 +44,7 @@ class DPMSolverMultistepConfig(ScheduleConfig):
     thresholding: bool = False
 
     UNSUPPORTED = {**ScheduleConfig.UNSUPPORTED, "solver_order": (1, 2), "algorithm_type": ("dpmsolver++",),
-                   "solver_type": ("midpoint", "heun"), "use_karras_sigmas": (False,),
+                   "solver_type": ("midpoint", "heun"),
                    "final_sigmas_type": ("zero", "sigma_min"), "lambda_min_clipped": (-float("inf"),),
                    "thresholding": (False,)}
 
@@ -54,8 +55,14 @@ class DPMSolverMultistepConfig(ScheduleConfig):
 class DPMSolverPlan(Plan):
     def __init__(self, config: DPMSolverMultistepConfig, n: int):
         self.config = config
-        self.timesteps = dpm_timesteps(config.num_train_timesteps, n, config.timestep_spacing, config.steps_offset)
-        sigmas = config.sigmas(self.timesteps, config.final_sigmas_type)
+        if config.use_karras_sigmas:  # "DPM++ 2M Karras": Karras levels over the whole range, timesteps rounded
+            karras = karras_sigmas(config.train_sigmas()[::-1], n)
+            self.timesteps = config.sigma_to_t(karras).round().astype(np.int64)
+            sigmas = config.append_final_sigma(karras, config.final_sigmas_type)
+        else:
+            self.timesteps = dpm_timesteps(config.num_train_timesteps, n, config.timestep_spacing,
+                                           config.steps_offset)
+            sigmas = config.sigmas(self.timesteps, config.final_sigmas_type)
         steps = len(self.timesteps)
         with np.errstate(divide="ignore"):
             alpha = (1 / (sigmas.astype(np.float64) ** 2 + 1) ** 0.5)

@@ -1,13 +1,15 @@
 """diffusers ``EulerDiscreteScheduler`` (sigma-space Euler, ``s_churn=0``): sigmas = sqrt((1 - alpha_bar) /
-alpha_bar) interpolated at the (float) timesteps, a final 0; the model input is x / sqrt(sigma^2 + 1)."""
+alpha_bar) interpolated at the (float) timesteps (or Karras levels, ``use_karras_sigmas``), a final 0; the model
+input is x / sqrt(sigma^2 + 1)."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import jax.numpy as jnp
 import numpy as np
 
-from bifrost_jax.models.unet.noise_schedule import ScheduleConfig
+from bifrost_jax.models.unet.noise_schedule import ScheduleConfig, karras_sigmas
 from bifrost_jax.sample.schedulers.base import Plan, table
 
 
@@ -27,12 +29,14 @@ def euler_timesteps(num_train: int, n: int, spacing: str, steps_offset: int) -> 
 class EulerDiscreteConfig(ScheduleConfig):
     interpolation_type: str = "linear"
     use_karras_sigmas: bool = False
+    sigma_min: Optional[float] = None
+    sigma_max: Optional[float] = None
     timestep_spacing: str = "linspace"
     timestep_type: str = "discrete"
     steps_offset: int = 0
     final_sigmas_type: str = "zero"
 
-    UNSUPPORTED = {**ScheduleConfig.UNSUPPORTED, "interpolation_type": ("linear",), "use_karras_sigmas": (False,),
+    UNSUPPORTED = {**ScheduleConfig.UNSUPPORTED, "interpolation_type": ("linear",),
                    "timestep_type": ("discrete",), "final_sigmas_type": ("zero", "sigma_min")}
 
     def set_timesteps(self, num_inference_steps: int) -> "EulerPlan":
@@ -44,6 +48,10 @@ class EulerPlan(Plan):
         self.config = config
         self.timesteps = euler_timesteps(config.num_train_timesteps, n, config.timestep_spacing, config.steps_offset)
         sigmas = config.sigmas(self.timesteps, config.final_sigmas_type)
+        if config.use_karras_sigmas:  # Karras levels between the spaced ones' ends; fractional timesteps
+            karras = karras_sigmas(sigmas[:-1], n, config.sigma_min, config.sigma_max)
+            self.timesteps = config.sigma_to_t(karras).astype(np.float32)
+            sigmas = config.append_final_sigma(karras, config.final_sigmas_type)
         self._sigmas = table(sigmas)
         top = float(sigmas.max())
         self.init_noise_sigma = top if config.timestep_spacing in ("linspace", "trailing") else (top ** 2 + 1) ** 0.5
