@@ -65,3 +65,28 @@ def test_clip_projection_export_and_errors(reference, tmp_path):
                        lambda t: {k: v for k, v in t.items() if k != "text_projection.weight"})
     with pytest.raises(PortError, match=r"missing keys.*text_projection\.weight"):
         port.load("clip-text-projection", missing)
+
+
+def test_sdxl_text_conditioning(reference, tmp_path):
+    """The two SDXL encoders' conditioning: penultimate hidden states concatenated, the bigG pooled projection, as
+    diffusers' encode_prompt computes them."""
+    from transformers import CLIPTextModel as HFCLIPTextModel
+
+    from bifrost_jax.sample.unet_decoder import sdxl_text_conditioning, sdxl_time_ids
+
+    model_g, path_g, ids, mask, out_g = reference
+    torch.manual_seed(1)
+    model_l = HFCLIPTextModel(HFCLIPTextConfig(**{**CLIP_TINY, "eos_token_id": 50})).eval()
+    _randomise(model_l, 9)
+    model_l.save_pretrained(str(tmp_path / "l"))
+    with torch.no_grad():
+        out_l = model_l(input_ids=torch.from_numpy(ids), output_hidden_states=True)
+    expected = np.concatenate([out_l.hidden_states[-2].numpy(), out_g.hidden_states[-2].numpy()], axis=-1)
+    clip_l, vars_l = port.load("clip-text", str(tmp_path / "l"))
+    clip_g, vars_g = port.load("clip-text-projection", path_g)
+    embeds, pooled = sdxl_text_conditioning(clip_l, vars_l, clip_g, vars_g, jnp.asarray(ids), jnp.asarray(ids),
+                                            None, jnp.asarray(mask))
+    assert embeds.shape == expected.shape and max_rel_err(embeds, expected) <= TOL
+    assert max_rel_err(pooled, out_g.text_embeds.numpy()) <= TOL
+    np.testing.assert_array_equal(np.asarray(sdxl_time_ids(2, (1024, 768), (0, 16))),
+                                  [[1024, 768, 0, 16, 1024, 768]] * 2)

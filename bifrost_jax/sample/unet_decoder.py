@@ -62,6 +62,26 @@ def sample_unet_latents(unet, unet_variables, controlnet, controlnet_variables, 
     return sample_loop(plan, denoise, noise * plan.init_noise_sigma)
 
 
+def sdxl_text_conditioning(clip_l, clip_l_variables, clip_g, clip_g_variables, ids_l, ids_g, mask_l=None,
+                           mask_g=None):
+    """SDXL's text conditioning (diffusers ``StableDiffusionXLPipeline.encode_prompt`` without clip_skip):
+    ``(prompt_embeds, pooled)``, prompt_embeds = [penultimate hidden states of the ViT-L encoder ``clip_l``
+    (``CLIPTextModel``), of the bigG encoder ``clip_g`` (``CLIPTextModelWithProjection``)] on the feature axis, and
+    pooled = the bigG encoder's projected pooled output (``added_cond_kwargs["text_embeds"]``)."""
+    _, _, hidden_l = clip_l.apply(clip_l_variables, ids_l, mask_l, output_hidden_states=True)
+    pooled, _, hidden_g = clip_g.apply(clip_g_variables, ids_g, mask_g, output_hidden_states=True)
+    return jnp.concatenate([hidden_l[-2], hidden_g[-2]], axis=-1), pooled
+
+
+def sdxl_time_ids(batch: int, original_size: tuple[int, int], crop_top_left: tuple[int, int] = (0, 0),
+                  target_size: Optional[tuple[int, int]] = None):
+    """SDXL micro-conditioning ``time_ids`` (batch, 6): original (h, w), crop (top, left), target (h, w) in pixels
+    (the target defaults to the original size)."""
+    target_size = original_size if target_size is None else target_size
+    row = jnp.asarray([*original_size, *crop_top_left, *target_size], jnp.float32)
+    return jnp.broadcast_to(row, (batch, 6))
+
+
 def decode_unet_latents(vae, vae_variables, latents):
     """Images (B, 8H, 8W, 3) in [-1, 1] from UNet latents (divided by the VAE's ``scaling_factor`` first)."""
     return vae.apply(vae_variables, vae.config.diffusion_to_latents(latents.astype(jnp.float32)), method=vae.decode)
