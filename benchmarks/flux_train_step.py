@@ -65,7 +65,8 @@ def make_batch(cfg, args, seed=0):
 
 def torch_step_fn(model, batch, target, lr, threads, compile_model=False):
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    tb = {k: torch.from_numpy(v) for k, v in batch.items()}
+    tb = {k: (None if v is None else {kk: torch.from_numpy(vv) for kk, vv in v.items()} if isinstance(v, dict)
+              else torch.from_numpy(v)) for k, v in batch.items()}
     tt = torch.from_numpy(target)
     model.train()
     forward = torch.compile(model) if compile_model else model
@@ -85,7 +86,7 @@ def torch_step_fn(model, batch, target, lr, threads, compile_model=False):
 def jax_step_fn(module, params, batch, target, lr):
     tx = optax.adamw(lr, weight_decay=1e-4)
     opt_state = tx.init(params)
-    jb = {k: jnp.asarray(v) for k, v in batch.items()}
+    jb = jax.tree.map(jnp.asarray, batch)
     jt = jnp.asarray(target)
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
@@ -159,6 +160,17 @@ def main():
     for name, (m, p) in modules.items():
         steps[name] = jax_step_fn(m, p, batch, target, 1e-5)
 
+    title = (f"FLUX train step: {args.double} double + {args.single} single blocks, {args.heads} heads x 128 "
+             f"(width {args.heads * 128}), {args.grid}x{args.grid}={args.grid ** 2} image tokens, "
+             f"{args.text} text tokens, "
+             f"batch {args.batch}, {n_params / 1e6:.1f}M params, AdamW; JAX scan={args.scan}, "
+             f"JAX threads={'1' if args.jax_single_thread else 'all'}")
+    time_and_report(steps, args, title, load_before)
+
+
+def time_and_report(steps: dict, args, title: str, load_before: str) -> None:
+    """Warm every step function up (``args.warmup`` calls, the JAX compile included), time ``args.repeats``
+    interleaved rounds and print the markdown table with the ratio to the fastest PyTorch row."""
     first = {}
     for name, fn in steps.items():  # warm-up (includes the JAX compile)
         first[name] = timed(fn)[0]
@@ -173,13 +185,10 @@ def main():
             times[name].append(dt)
             cpu[name].append(dc)
 
-    print(f"FLUX train step: {args.double} double + {args.single} single blocks, {args.heads} heads x 128 "
-          f"(width {args.heads * 128}), {args.grid}x{args.grid}={args.grid ** 2} image tokens, "
-          f"{args.text} text tokens, "
-          f"batch {args.batch}, {n_params / 1e6:.1f}M params, AdamW; JAX scan={args.scan}, "
-          f"JAX threads={'1' if args.jax_single_thread else 'all'}")
+    print(title)
     print(f"host: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, jax {jax.__version__} "
-          f"({jax.default_backend()}), torch {torch.__version__}; load average before: {load_before}")
+          f"({jax.default_backend()}), torch {torch.__version__}; load average before: {load_before}, after: "
+          + " ".join(f"{x:.1f}" for x in os.getloadavg()))
     torch_rows = [k for k in steps if k.startswith("torch")]
     base = min(statistics.median(times[k]) for k in torch_rows)
     best = min(torch_rows, key=lambda k: statistics.median(times[k]))

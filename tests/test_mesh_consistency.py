@@ -131,10 +131,36 @@ def _vae():
     return AutoencoderKL(cfg, dtype=jnp.float32), dict(sample=r.normal(size=(B, 8, 12, 3))), None
 
 
+_UNET = dict(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+             layers_per_block=1, cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
+             transformer_layers_per_block=2)
+
+
+def _unet_inputs():
+    r = np.random.default_rng(0)
+    return dict(sample=r.normal(size=(B, 8, 12, 4)), timestep=r.uniform(0, 999, size=(B,)),
+                encoder_hidden_states=r.normal(size=(B, 6, 32)))
+
+
+def _unet(scan):
+    from bifrost_jax.models.unet import UNet2DConditionConfig, UNet2DConditionModel
+    cfg = UNet2DConditionConfig(**_UNET, up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                                use_linear_projection=scan)
+    return UNet2DConditionModel(cfg, dtype=jnp.float32, scan_layers=scan), _unet_inputs(), None
+
+
+def _unet_controlnet():
+    from bifrost_jax.models.unet import LatentUNetControlNet, UNetControlNetConfig
+    cfg = UNetControlNetConfig(**_UNET, conditioning_embedding_out_channels=(16, 8), clip_latent_dim=8,
+                               clip_grid=(2, 3))
+    inp = {**_unet_inputs(), "controlnet_cond": np.random.default_rng(1).normal(size=(B, 6, 8))}
+    return LatentUNetControlNet(cfg, dtype=jnp.float32), inp, None
+
+
 CASES = {"flux_3_heads": lambda: _flux(3, single=0), "flux_4_heads": lambda: _flux(4),
          "flux_4_heads_scanned": lambda: _flux(4, scan=True), "latent_controlnet": _controlnet,
          "qwen_decoder": _qwen_decoder, "bifrost_mllm": _bifrost, "qwen_vit": _vision, "t5": _t5, "clip": _clip,
-         "vae": _vae}
+         "vae": _vae, "unet_scanned": lambda: _unet(True), "latent_unet_controlnet": _unet_controlnet}
 
 
 def _as_arrays(inp, static, mesh=None):

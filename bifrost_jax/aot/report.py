@@ -34,7 +34,7 @@ class AotReport:
     xla_seconds_raw: Optional[float] = None  # "optimal_seconds" as the cost analysis returned it
     unknown_cost_ops: int = 0                # ops the cost model prices at its -1 s sentinel (added back)
     peak_flops: Optional[float] = None       # dense bf16 FLOP/s per device
-    analytic_flops: Optional[float] = None   # analytic model FLOPs / devices (parallel/flops.py; no remat)
+    analytic_flops: Optional[float] = None   # analytic model FLOPs / devices (models/flops.py; no remat)
     analytic_attention_flops: Optional[float] = None  # their attention part (scores + value products)
     analytic_table: str = ""                 # the per-module breakdown, per device
     uncounted_kernels: int = 0               # Pallas calls without a cost estimate (splash attention)

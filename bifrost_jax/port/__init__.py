@@ -22,8 +22,12 @@ _KIND_MODULES = {
     "flux-controlnet": "bifrost_jax.port.flux",
     "latent-controlnet": "bifrost_jax.port.flux",
     "flux-vae": "bifrost_jax.port.vae",
+    "unet": "bifrost_jax.port.unet",  # SD 1.x / 2.x / SDXL UNet2DConditionModel
+    "unet-controlnet": "bifrost_jax.port.unet",
+    "latent-unet-controlnet": "bifrost_jax.port.unet",
     "t5-encoder": "bifrost_jax.port.text",
     "clip-text": "bifrost_jax.port.text",
+    "clip-text-projection": "bifrost_jax.port.text",  # SDXL's text_encoder_2
     "qwen2.5-vl": "bifrost_jax.port.qwen",
     "bifrost-1": "bifrost_jax.port.bifrost",
     "inception-fid": "bifrost_jax.port.inception",  # pytorch-fid's Inception-v3 weights (a file, not a directory)

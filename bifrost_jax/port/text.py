@@ -1,11 +1,13 @@
-"""Ports of FLUX's text encoders: transformers ``T5EncoderModel`` ("t5-encoder", FLUX ``text_encoder_2``) and
-``CLIPTextModel`` ("clip-text", FLUX ``text_encoder``) directories <-> Flax parameters.
+"""Ports of the text encoders: transformers ``T5EncoderModel`` ("t5-encoder", FLUX ``text_encoder_2``),
+``CLIPTextModel`` ("clip-text", FLUX's and SD's ``text_encoder``) and ``CLIPTextModelWithProjection``
+("clip-text-projection", SDXL's ``text_encoder_2``) directories <-> Flax parameters.
 
 Checkpoint layouts handled:
 - T5: ``shared.weight`` and ``encoder.embed_tokens.weight`` are one tied tensor; a file may hold either or both.
   ``shared.weight`` wins when both are present (transformers ties embed_tokens to it); the duplicate is not an
   unexpected key. The decoder half and LM head of a full encoder-decoder checkpoint are ignored, as transformers'
   ``T5EncoderModel`` does for the decoder.
+- CLIP with projection: ``text_model.*`` (both transformers versions) and ``text_projection.weight``.
 - CLIP: transformers 4.x (and the FLUX.1 repositories) store keys under ``text_model.``; transformers 5 saves them
   without that prefix. Both load; export writes the ``text_model.`` layout, which both versions load.
 """
@@ -15,7 +17,7 @@ import os
 
 import jax.numpy as jnp
 
-from bifrost_jax.models.text.clip import CLIPTextConfig, CLIPTextModel
+from bifrost_jax.models.text.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from bifrost_jax.models.text.t5 import T5EncoderConfig, T5EncoderModel
 from bifrost_jax.port.base import (IDENTITY, LINEAR, KeyMap, SafetensorsReader, abstract_params,
                                    export_mapped, layers_map, load_mapped, mesh_shardings, read_json,
@@ -137,7 +139,30 @@ def save_clip_text(module: CLIPTextModel, variables, path: str) -> None:
     save_directory(path, module.config.to_hf_config(), state, WEIGHTS_NAME)
 
 
+def clip_projection_key_map(cfg: CLIPTextConfig, scan: bool) -> KeyMap:
+    key_map = clip_text_key_map(cfg, scan, CLIP_LEGACY_PREFIX)
+    key_map[("text_projection", "kernel")] = src("text_projection.weight", LINEAR)
+    return key_map
+
+
+def load_clip_text_projection(path: str, *, dtype=jnp.float32, mesh=None, compute_dtype=None,
+                              scan_layers: bool = False, remat_policy: str = "none", attention_impl=None):
+    """(CLIPTextModelWithProjection, {"params": ...}) from a transformers directory (SDXL ``text_encoder_2``)."""
+    cfg = CLIPTextConfig.from_hf_config(read_json(os.path.join(path, "config.json")))
+    module = CLIPTextModelWithProjection(cfg, **_module_options(dtype, compute_dtype, scan_layers, remat_policy,
+                                                                attention_impl))
+    return module, _load_params(module, SafetensorsReader(path), clip_projection_key_map(cfg, scan_layers),
+                                dtype=dtype, mesh=mesh, what=f"clip-text-projection {path}")
+
+
+def save_clip_text_projection(module: CLIPTextModelWithProjection, variables, path: str) -> None:
+    """A directory ``CLIPTextModelWithProjection.from_pretrained`` loads."""
+    state = export_mapped(variables["params"], clip_projection_key_map(module.config, module.scan_layers))
+    save_directory(path, module.config.to_hf_config("CLIPTextModelWithProjection"), state, WEIGHTS_NAME)
+
+
 PORTS = {
     "t5-encoder": (load_t5_encoder, save_t5_encoder),
     "clip-text": (load_clip_text, save_clip_text),
+    "clip-text-projection": (load_clip_text_projection, save_clip_text_projection),
 }

@@ -22,7 +22,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from bifrost_jax.nn.attention import dot_product_attention
-from bifrost_jax.nn.layers import Dense, LayerNorm, RMSNorm, default_kernel_init, param_with_axes
+from bifrost_jax.nn.layers import Dense, LayerNorm, RMSNorm, activation, default_kernel_init, param_with_axes
 from bifrost_jax.nn.rope import apply_rotary_interleaved, rope_frequencies
 from bifrost_jax.nn.stack import maybe_remat, scanned
 
@@ -85,20 +85,24 @@ class FluxConfig:
 # ----------------------------------------------------------------------------------------------------------------
 # conditioning: timestep / guidance / pooled text, RoPE table
 
-def timestep_embedding(t, dim: int = 256, max_period: float = 10000.0):
-    """diffusers ``get_timestep_embedding(flip_sin_to_cos=True, downscale_freq_shift=0)``: [cos, sin], float32."""
+def timestep_embedding(t, dim: int = 256, max_period: float = 10000.0, flip_sin_to_cos: bool = True,
+                       downscale_freq_shift: float = 0.0):
+    """diffusers ``get_timestep_embedding`` in float32: [cos, sin] with ``flip_sin_to_cos`` (FLUX's and SD's
+    default), [sin, cos] without; frequencies exp(-log(max_period) * i / (dim/2 - downscale_freq_shift))."""
     half = dim // 2
-    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half
+    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - downscale_freq_shift)
     args = t.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
-    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    parts = [jnp.cos(args), jnp.sin(args)] if flip_sin_to_cos else [jnp.sin(args), jnp.cos(args)]
+    emb = jnp.concatenate(parts, axis=-1)
     if dim % 2:
         emb = jnp.pad(emb, ((0, 0), (0, 1)))
     return emb
 
 
 class MLPEmbedder(nn.Module):
-    """Linear -> SiLU -> Linear (diffusers ``TimestepEmbedding`` and ``PixArtAlphaTextProjection(act_fn="silu")``)."""
+    """Linear -> act -> Linear (diffusers ``TimestepEmbedding`` and ``PixArtAlphaTextProjection(act_fn="silu")``)."""
     features: int
+    act_fn: str = "silu"
     dtype: Dtype = jnp.bfloat16
     param_dtype: Dtype = jnp.float32
 
@@ -106,7 +110,7 @@ class MLPEmbedder(nn.Module):
     def __call__(self, x):
         x = Dense(self.features, kernel_axes=("cond", "embed"), dtype=self.dtype, param_dtype=self.param_dtype,
                   name="linear_1")(x)
-        x = jax.nn.silu(x)
+        x = activation(self.act_fn)(x)
         return Dense(self.features, kernel_axes=("embed", "mlp"), dtype=self.dtype, param_dtype=self.param_dtype,
                      name="linear_2")(x)
 

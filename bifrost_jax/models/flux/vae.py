@@ -51,11 +51,12 @@ class Conv2d(nn.Module):
     kernel_axes: tuple = ("conv_hw", None, "conv_in", "conv_out")
     dtype: Dtype = jnp.bfloat16
     param_dtype: Dtype = jnp.float32
+    kernel_init: Any = nn.initializers.lecun_normal()  # zeros for ControlNet's zero convs
 
     @nn.compact
     def __call__(self, x):
         k = self.kernel_size
-        kernel = param_with_axes(self, "kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features),
+        kernel = param_with_axes(self, "kernel", self.kernel_init, (k, k, x.shape[-1], self.features),
                                  self.param_dtype, self.kernel_axes)
         y = jax.lax.conv_general_dilated(x.astype(self.dtype), kernel.astype(self.dtype),
                                          window_strides=(self.stride, self.stride), padding=_pairs(self.padding),

@@ -1,5 +1,6 @@
 """The CLIP text transformer: FLUX's ``text_encoder`` (CLIP ViT-L/14 text tower), a Flax port of transformers'
-``CLIPTextModel``.
+``CLIPTextModel``, and ``CLIPTextModelWithProjection`` (SDXL's ``text_encoder_2``: the pooled output through a
+bias-free ``text_projection``; SDXL reads its penultimate hidden states too).
 
 Token + learned absolute position embeddings, pre-LayerNorm blocks with causal (plus padding) self-attention and a
 two-layer MLP (quick_gelu for OpenAI CLIP, or ``hidden_act``), a final LayerNorm. FLUX uses ``pooler_output``, the
@@ -69,9 +70,9 @@ class CLIPTextConfig:
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: cfg[k] for k in fields if k in cfg})
 
-    def to_hf_config(self) -> dict:
+    def to_hf_config(self, architecture: str = "CLIPTextModel") -> dict:
         out = dataclasses.asdict(self)
-        out.update(model_type="clip_text_model", architectures=["CLIPTextModel"])
+        out.update(model_type="clip_text_model", architectures=[architecture])
         return out
 
 
@@ -130,11 +131,13 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPEncoderLayer(nn.Module):
-    """x + attn(LN1(x)), then x + mlp(LN2(x)). Returns ``(x, None)`` for nn.scan."""
+    """x + attn(LN1(x)), then x + mlp(LN2(x)). Returns ``(x, x if return_hidden else None)`` for nn.scan (the
+    second output stacks every layer's hidden state)."""
     config: CLIPTextConfig
     dtype: Dtype = jnp.bfloat16
     param_dtype: Dtype = jnp.float32
     attention_impl: Optional[str] = None
+    return_hidden: bool = False
 
     @nn.compact
     def __call__(self, x, mask):
@@ -144,14 +147,54 @@ class CLIPEncoderLayer(nn.Module):
         x = x + CLIPAttention(cfg, self.dtype, self.param_dtype, self.attention_impl,
                               name="self_attn")(norm("layer_norm1")(x), mask)
         x = x + CLIPMLP(cfg, self.dtype, self.param_dtype, name="mlp")(norm("layer_norm2")(x))
-        x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
-        return checkpoint_name(x, "block_out"), None
+        x = checkpoint_name(nn.with_logical_constraint(x, ("batch", "length", "act_embed")), "block_out")
+        return x, (x if self.return_hidden else None)
+
+
+def clip_text_forward(module, input_ids, attention_mask=None, position_ids=None, output_hidden_states=False):
+    """(last_hidden_state, pooler_output, hidden_states or None), defining the text tower's parameters in
+    ``module``'s compact scope. ``hidden_states`` is transformers' tuple: the embeddings, then every layer's output
+    (the last one before ``final_layer_norm``)."""
+    cfg = module.config
+    b, l = input_ids.shape
+    if l > cfg.max_position_embeddings:
+        raise ValueError(f"{type(module).__name__}: sequence length {l} exceeds max_position_embeddings "
+                         f"{cfg.max_position_embeddings}")
+    if position_ids is None:
+        position_ids = jnp.arange(l)[None, :]
+    kw = dict(dtype=module.dtype, param_dtype=module.param_dtype)
+    x = Embed(cfg.vocab_size, cfg.hidden_size, name="token_embedding", **kw)(input_ids)
+    x = x + Embed(cfg.max_position_embeddings, cfg.hidden_size, axes=(None, "embed"), name="position_embedding",
+                  **kw)(position_ids)
+    x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+
+    mask = jnp.tril(jnp.ones((l, l), dtype=bool))[None, None]  # (1, 1, L, L) causal
+    if attention_mask is not None:
+        mask = mask & (attention_mask[:, None, None, :] != 0)
+
+    layer_kw = dict(config=cfg, attention_impl=module.attention_impl,
+                    return_hidden=output_hidden_states, **kw)
+    hidden = [x]
+    if module.scan_layers:
+        x, stacked = scanned(CLIPEncoderLayer, cfg.num_hidden_layers, remat=module.remat_policy)(
+            **layer_kw, name="layers")(x, mask)
+        if output_hidden_states:
+            hidden += [stacked[i] for i in range(cfg.num_hidden_layers)]
+    else:
+        layer_cls = maybe_remat(CLIPEncoderLayer, module.remat_policy)
+        for i in range(cfg.num_hidden_layers):
+            x, _ = layer_cls(**layer_kw, name=stack_name("layers", i))(x, mask)
+            hidden.append(x)
+    x = LayerNorm(eps=cfg.layer_norm_eps, name="final_layer_norm", **kw)(x)
+    pooled = jnp.take_along_axis(x, pooled_positions(input_ids, cfg.eos_token_id)[:, None, None], axis=1)[:, 0]
+    return x, pooled, (tuple(hidden) if output_hidden_states else None)
 
 
 class CLIPTextModel(nn.Module):
     """``__call__(input_ids, attention_mask=None, position_ids=None) -> (last_hidden_state, pooler_output)``,
-    like transformers' ``CLIPTextModel``. ``attention_mask`` (B, L): 1 = token, 0 = padding (combined with the
-    causal mask)."""
+    like transformers' ``CLIPTextModel``; with ``output_hidden_states=True`` a third element, the hidden states
+    (see ``clip_text_forward``). ``attention_mask`` (B, L): 1 = token, 0 = padding (combined with the causal
+    mask)."""
     config: CLIPTextConfig
     dtype: Dtype = jnp.bfloat16
     param_dtype: Dtype = jnp.float32
@@ -160,34 +203,23 @@ class CLIPTextModel(nn.Module):
     attention_impl: Optional[str] = None
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, position_ids=None):
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, output_hidden_states: bool = False):
+        x, pooled, hidden = clip_text_forward(self, input_ids, attention_mask, position_ids, output_hidden_states)
+        return (x, pooled, hidden) if output_hidden_states else (x, pooled)
+
+
+class CLIPTextModelWithProjection(CLIPTextModel):
+    """transformers' ``CLIPTextModelWithProjection``: ``__call__(...) -> (text_embeds, last_hidden_state)`` (its
+    output order), plus the hidden states with ``output_hidden_states=True``. ``text_embeds`` is the pooled output
+    through ``text_projection`` (hidden_size -> projection_dim, no bias). SDXL takes ``text_embeds`` as the pooled
+    prompt embedding and ``hidden_states[-2]`` as the per-token one."""
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, output_hidden_states: bool = False):
         cfg = self.config
-        b, l = input_ids.shape
-        if l > cfg.max_position_embeddings:
-            raise ValueError(f"CLIPTextModel: sequence length {l} exceeds max_position_embeddings "
-                             f"{cfg.max_position_embeddings}")
-        if position_ids is None:
-            position_ids = jnp.arange(l)[None, :]
-        x = Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
-                  name="token_embedding")(input_ids)
-        x = x + Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
-                      axes=(None, "embed"), name="position_embedding")(position_ids)
-        x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
-
-        mask = jnp.tril(jnp.ones((l, l), dtype=bool))[None, None]  # (1, 1, L, L) causal
-        if attention_mask is not None:
-            mask = mask & (attention_mask[:, None, None, :] != 0)
-
-        layer_kw = dict(config=cfg, dtype=self.dtype, param_dtype=self.param_dtype,
-                        attention_impl=self.attention_impl)
-        if self.scan_layers:
-            x, _ = scanned(CLIPEncoderLayer, cfg.num_hidden_layers, remat=self.remat_policy)(
-                **layer_kw, name="layers")(x, mask)
-        else:
-            layer_cls = maybe_remat(CLIPEncoderLayer, self.remat_policy)
-            for i in range(cfg.num_hidden_layers):
-                x, _ = layer_cls(**layer_kw, name=stack_name("layers", i))(x, mask)
-        x = LayerNorm(eps=cfg.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
-                      name="final_layer_norm")(x)
-        pooled = jnp.take_along_axis(x, pooled_positions(input_ids, cfg.eos_token_id)[:, None, None], axis=1)[:, 0]
-        return x, pooled
+        if not cfg.projection_dim:
+            raise ValueError("CLIPTextModelWithProjection: the config has no projection_dim")
+        x, pooled, hidden = clip_text_forward(self, input_ids, attention_mask, position_ids, output_hidden_states)
+        text_embeds = Dense(cfg.projection_dim, use_bias=False, kernel_axes=("embed", "mlp"), dtype=self.dtype,
+                            param_dtype=self.param_dtype, name="text_projection")(pooled)
+        return (text_embeds, x, hidden) if output_hidden_states else (text_embeds, x)
