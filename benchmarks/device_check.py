@@ -23,7 +23,7 @@ Sections (each runs on its own; a failure is recorded in the report with its tra
    remat "dots_no_batch"; latent ControlNet 4 double + 1 single blocks trained in fp32 master weights with bf16
    compute, remat "full", BatchNorm batch statistics; flow-matching loss; AdamW) at 512x512 (1024 image tokens, 512
    text tokens) on random inputs standing in for the frozen encoders' outputs; step time, examples and tokens per
-   second, MFU from ``parallel/flops.py``'s analytic count of the parts that run (FLUX + ControlNet; the frozen text
+   second, MFU from ``models/flops.py``'s analytic count of the parts that run (FLUX + ControlNet; the frozen text
    encoders, ViT and VAE of the full phase are not run here), peak memory.
 4. ``train_mllm``: the ``mllm`` phase's step at Qwen2.5-VL-7B width with a few layers (scanned, remat
    "dots_no_batch", frozen weights bf16, the generation branch trained in fp32 master weights, MAR masking, MSE loss,

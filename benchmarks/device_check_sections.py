@@ -29,7 +29,7 @@ from bifrost_jax.models.flux.transformer import FluxConfig, FluxTransformer2DMod
 from bifrost_jax.models.flux.vae import latent_image_ids  # noqa: E402
 from bifrost_jax.models.qwen.decoder import QwenTextConfig  # noqa: E402
 from bifrost_jax.nn.attention import AttentionMask, dot_product_attention  # noqa: E402
-from bifrost_jax.parallel import flops  # noqa: E402
+from bifrost_jax.models import flops  # noqa: E402
 from bifrost_jax.parallel.devices import chip_for_device_kind  # noqa: E402
 from bifrost_jax.port.base import load_mapped, prefixed  # noqa: E402
 from bifrost_jax.port.flux import controlnet_key_map, transformer_key_map  # noqa: E402

@@ -47,7 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # torch_referenc
 
 from bifrost_jax.models.bifrost import BifrostConfig, BifrostMLLM, random_orders  # noqa: E402
 from bifrost_jax.models.qwen.decoder import QwenTextConfig  # noqa: E402
-from bifrost_jax.parallel import flops  # noqa: E402
+from bifrost_jax.models import flops  # noqa: E402
 from bifrost_jax.port.base import export_mapped  # noqa: E402
 from bifrost_jax.port.bifrost import TEXT_PREFIX, trained_key_map  # noqa: E402
 from bifrost_jax.port.qwen_text import text_key_map  # noqa: E402
@@ -233,7 +233,7 @@ def markdown(small, full, command) -> str:
     if tr is not None:
         lines += [
             f"| official loop in PyTorch {tr['version']} (transformers layers, sdpa, {tr['threads']} threads): "
-            f"FLOPs, matmuls + attention (this implementation: `parallel/flops.py`; PyTorch: FlopCounterMode, "
+            f"FLOPs, matmuls + attention (this implementation: `models/flops.py`; PyTorch: FlopCounterMode, "
             f"{small['steps']} x one step) | {small['analytic_fast']:.3e} | {tr['total_flops']:.3e} | "
             f"**{tr['total_flops'] / small['analytic_fast']:.1f}x** |",
             f"| official loop in PyTorch: wall time (median of {len(tr['times'])}; eager, no_grad) | "

@@ -54,7 +54,7 @@ def test_flux_forward_returns_the_loss_and_every_gradient(cpu_report):
     the parameters (traced only: the compile above is the expensive part)."""
     config, _ = cpu_report
     mesh = aot.make_topology_mesh("cpu:2", dict(config.mesh))
-    target = aot._as_target(aot.resolve_target("flux-forward", config)[1](config, mesh))
+    target = aot.resolve_target("flux-forward", config)[1](config, mesh)
     params_abstract, batch_abstract = target.args
     model = FluxTransformer2DModel(FluxConfig(**TINY_FLUX), dtype=jnp.bfloat16, param_dtype=jnp.float32,
                                    scan_layers=True)

@@ -35,7 +35,8 @@ from bifrost_jax.parallel.mesh import make_mesh
 from bifrost_jax.parallel.rules import axis_rules
 from bifrost_jax.port.base import PortError, SafetensorsReader, load_mapped, src, write_safetensors
 from bifrost_jax import checkpoint as ckpt
-from bifrost_jax.train import guard, integrity, loop
+from bifrost_jax.checkpoint import integrity
+from bifrost_jax.train import guard, loop
 from bifrost_jax.checkpoint.integrity import CheckpointDamagedError, flat_arrays
 from bifrost_jax.train.registry import get_phase
 from bifrost_jax.train.resume import ConfigChangedError

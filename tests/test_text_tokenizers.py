@@ -13,7 +13,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from bifrost_jax.configs import load_config_file
 from bifrost_jax.data.tokenizers import hf_tokenizer
 from bifrost_jax.sample.build import build_pipeline
-from bifrost_jax.train.text_conditioning import PaddedTokenizer
+from bifrost_jax.data.tokenizers import PaddedTokenizer
 from test_pipeline import TINY
 
 CORPUS = ["a photo of a red circle", "two blue squares above a green triangle", "three yellow stars",

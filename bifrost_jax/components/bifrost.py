@@ -38,7 +38,8 @@ def latent_controlnet_component(section, transformer: Component, clip_latent_dim
     ``clip_grid`` CLIP latents of width ``clip_latent_dim``."""
     fcfg = transformer.module.config
     blocks = resolve_model_config({"num_layers": section.num_layers, "num_single_layers": section.num_single_layers},
-                                  key="config.controlnet", kind="flux", port_dir=section.get("port_dir", "") or "")
+                                  key="config.controlnet", kind="controlnet",
+                                  port_dir=section.get("port_dir", "") or "")
     cfg = FluxControlNetConfig(
         patch_size=fcfg.patch_size, in_channels=fcfg.in_channels, num_layers=blocks["num_layers"],
         num_single_layers=blocks["num_single_layers"], attention_head_dim=fcfg.attention_head_dim,

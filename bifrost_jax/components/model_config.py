@@ -33,10 +33,20 @@ def _plain(x: Any) -> Any:
     return x
 
 
+# component kind -> the ``bifrost port`` kinds whose recorded config.json describes it
+PORT_KINDS = {"flux": ("flux-transformer",), "controlnet": ("latent-controlnet", "flux-controlnet"),
+              "vae": ("flux-vae",), "t5": ("t5-encoder",), "clip": ("clip-text", "clip-text-projection"),
+              "vision": ("qwen2.5-vl", "bifrost-1"), "qwen_text": ("qwen2.5-vl", "bifrost-1")}
+
+
 def _source_config(port_dir: str, kind: str) -> tuple[Optional[dict], str]:
-    """(the config.json dict of a port directory or of the source a ``bifrost port`` output came from, where)."""
+    """(the config.json dict of a port directory or of the source a ``bifrost port`` output came from, where).
+    A ``bifrost port`` output of another kind is an error naming both kinds."""
     if os.path.isfile(os.path.join(port_dir, "port.json")):
-        return read_port_info(port_dir).get("hf_config"), os.path.join(port_dir, "port.json")
+        info = read_port_info(port_dir)
+        if info.get("kind") not in PORT_KINDS[kind]:
+            raise ValueError(f"{port_dir} is a {info.get('kind')!r} port; expected one of {PORT_KINDS[kind]}")
+        return info.get("hf_config"), os.path.join(port_dir, "port.json")
     directory = vae_dir(port_dir) if kind == "vae" else port_dir
     path = os.path.join(directory, "config.json")
     return (read_json(path), path) if os.path.isfile(path) else (None, path)

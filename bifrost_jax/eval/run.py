@@ -40,8 +40,8 @@ from bifrost_jax.data.shapes import HELD_OUT_PAIRS, SceneSpec, ShapesOptions, lo
 from bifrost_jax.eval import dpg, understanding
 from bifrost_jax.configs import positive_int
 from bifrost_jax.eval.geneval import barrier, file_sha256, missing_prompts, read_prompts, run_geneval
-from bifrost_jax.eval.reconstruction import (all_reduce_sum, evaluate_reconstruction, folder_source,
-                                             inception_feature_fn, make_preprocess)
+from bifrost_jax.eval import reconstruction
+from bifrost_jax.eval.reconstruction import all_reduce_sum, evaluate_reconstruction, folder_source, make_preprocess
 from bifrost_jax.parallel.mesh import maybe_initialize_distributed
 from bifrost_jax.sample.images import save_png
 from bifrost_jax.train.export import WeightsError, load_pipeline
@@ -218,7 +218,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     if mode == "reconstruction":
         # load the Inception weights before any reconstruction, so a bad file fails at once
-        feature_fn = inception_feature_fn(args.inception, mesh=pipe.mesh) if args.inception else None
+        feature_fn = reconstruction.inception_feature_fn(args.inception, mesh=pipe.mesh) if args.inception else None
         if args.dataset == "folder":
             source = folder_source(args.data_dir)
         else:
