@@ -270,6 +270,12 @@ class TorchStateReader:
     def shape(self, key):
         return tuple(self.state[key].shape)
 
+    def dtype(self, key):
+        """The numpy dtype ``get`` returns (bf16 as ml_dtypes' bfloat16), without copying the tensor."""
+        import torch
+        t = self.state[key]
+        return np.dtype(jnp.bfloat16) if t.dtype == torch.bfloat16 else np.dtype(str(t.dtype).removeprefix("torch."))
+
     def get(self, key):
         import torch
         t = self.state[key].detach().cpu()

@@ -208,27 +208,28 @@ def test_changed_values_are_caught_by_the_checksums(reference, tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 # 3. a failing asynchronous save
 
-def _failing_writer(monkeypatch, failures):
-    """The array writer of Orbax's background thread fails ``failures`` times after the first save (a full disk)."""
+def _failing_writer(monkeypatch, failures, workdir):
+    """The array writer of Orbax's background thread fails ``failures`` times once the first checkpoint (step 4) is
+    committed (a disk that fills up after it). Keyed on the committed step, not on a count of writes: one save
+    writes several arrays concurrently, and which of them finishes first depends on the machine's load."""
     from orbax.checkpoint._src.serialization import serialization
 
     original = serialization.async_serialize_from_host
-    calls = {"saves": set(), "failed": 0}
+    first = os.path.join(ckpt.checkpoint_dir(str(workdir), "toy"), "4")
+    calls = {"failed": 0}
 
     async def writer(*args, **kwargs):
-        if calls["saves"] and calls["failed"] < failures:
+        if os.path.isdir(first) and calls["failed"] < failures:
             calls["failed"] += 1
             raise OSError(28, "No space left on device")
-        result = await original(*args, **kwargs)
-        calls["saves"].add(1)
-        return result
+        return await original(*args, **kwargs)
 
     monkeypatch.setattr(serialization, "async_serialize_from_host", writer)
     return calls
 
 
 def test_failed_async_save_surfaces_at_the_next_step(tmp_path, monkeypatch):
-    _failing_writer(monkeypatch, failures=10**6)
+    _failing_writer(monkeypatch, failures=10**6, workdir=tmp_path)
     config = toy_config("train.steps=12", "checkpoint.every=4", "data.delay_s=0.2")
     with pytest.raises(CheckpointSaveError) as e:
         run(config, tmp_path)
@@ -241,7 +242,7 @@ def test_failed_async_save_surfaces_at_the_next_step(tmp_path, monkeypatch):
 
 
 def test_failed_async_save_is_retried(tmp_path, monkeypatch, capsys):
-    _failing_writer(monkeypatch, failures=1)
+    _failing_writer(monkeypatch, failures=1, workdir=tmp_path)
     result = run(toy_config("train.steps=12", "checkpoint.every=4", "checkpoint.keep=10", "data.delay_s=0.2"),
                  tmp_path)
     assert result.step == 12
