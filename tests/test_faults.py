@@ -265,7 +265,8 @@ def test_failed_async_save_is_retried(tmp_path, monkeypatch, capsys):
 def test_bad_config_values_are_named_at_start_up(override, key):
     with pytest.raises(ConfigError) as e:
         validate_train_config(toy_config(override))
-    assert key in str(e.value) and "must" in str(e.value) or "dtype" in str(e.value)
+    msg = str(e.value)
+    assert key in msg and ("must be" in msg or "not a floating dtype name" in msg), msg
 
 
 def test_keep_all_is_explicit_and_the_cli_reports_bad_values(tmp_path, capsys):
