@@ -79,15 +79,7 @@ def profile_step(repeats: int = 3) -> collections.Counter:
     opt_state = tx.init(params)
     jb, jt = {k: jnp.asarray(v) for k, v in batch.items()}, jnp.asarray(target)
 
-    def train_step(params, opt_state, batch, target):
-        def loss_fn(p):
-            out = module.apply({"params": p}, **batch)
-            return jnp.mean(jnp.square(out.astype(jnp.float32) - target))
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    compiled = jax.jit(train_step).lower(params, opt_state, jb, jt).compile()
+    compiled = jax.jit(flux_train_step.train_step_of(module, tx)).lower(params, opt_state, jb, jt).compile()
     kinds, op_names = instruction_kinds(compiled.as_text())
     for _ in range(2):
         jax.block_until_ready(compiled(params, opt_state, jb, jt))

@@ -18,7 +18,6 @@ PyTorch recipe for compiled optimizers); its first steps include the compiles. T
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import platform
 import statistics
@@ -83,13 +82,9 @@ def torch_step_fn(model, batch, target, lr, threads, compile_model=False):
     return step
 
 
-def jax_step_fn(module, params, batch, target, lr):
-    tx = optax.adamw(lr, weight_decay=1e-4)
-    opt_state = tx.init(params)
-    jb = jax.tree.map(jnp.asarray, batch)
-    jt = jnp.asarray(target)
-
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
+def train_step_of(module, tx):
+    """``train_step(params, opt_state, batch, target) -> (params, opt_state, loss)``: forward, MSE, backward, ``tx``
+    (not jitted: the timing loop and the profiler jit it their own way)."""
     def train_step(params, opt_state, batch, target):
         def loss_fn(p):
             out = module.apply({"params": p}, **batch)
@@ -97,6 +92,15 @@ def jax_step_fn(module, params, batch, target, lr):
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
+    return train_step
+
+
+def jax_step_fn(module, params, batch, target, lr):
+    tx = optax.adamw(lr, weight_decay=1e-4)
+    opt_state = tx.init(params)
+    jb = jax.tree.map(jnp.asarray, batch)
+    jt = jnp.asarray(target)
+    train_step = jax.jit(train_step_of(module, tx), donate_argnums=(0, 1))
 
     state = {"params": params, "opt": opt_state}
 
