@@ -5,6 +5,8 @@ generation pipeline build them here and load them with ``load_component`` (docs/
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import jax.numpy as jnp
 
 from bifrost_jax.components.component import Component, module_kwargs, section_model_config
@@ -32,21 +34,31 @@ def clip_projection_component(section) -> Component:
 
 
 def latent_unet_controlnet_component(section, unet: Component, clip_latent_dim: int, clip_grid: tuple[int, int],
-                                     latent_size: tuple[int, int]) -> Component:
+                                     latent_size: Optional[tuple[int, int]] = None) -> Component:
     """The latent UNet ControlNet of ``config.controlnet``: the encoder of the ``unet`` it steers (diffusers
-    ``from_unet``'s config copy), fed ``clip_grid`` CLIP latents of width ``clip_latent_dim`` and upsampled to the
-    UNet's ``latent_size`` (the number of 2x stages follows, docs/unet.md). ``conditioning_embedding_out_channels``
-    (empty: 256 halving per stage) is checked against a ported ControlNet's config.json like every model field."""
-    stages = latent_stages(tuple(clip_grid), tuple(latent_size))
-    stated = {"conditioning_embedding_out_channels": tuple(section.get("conditioning_embedding_out_channels", ())
-                                                           or latent_embedding_channels(stages))}
-    fields = resolve_model_config(stated, key="config.controlnet", kind="unet_controlnet",
-                                  port_dir=section.get("port_dir", "") or "")
+    ``from_unet``'s config copy), fed ``clip_grid`` CLIP latents of width ``clip_latent_dim``. Its condition
+    embedding's widths ``conditioning_embedding_out_channels`` (one more than its 2x stages, docs/unet.md) come from
+    the section, else a ported ControlNet's config.json (checked against the section like every model field), else
+    the default for ``latent_size`` (the UNet's latents: 256 halving per stage); with ``latent_size`` given, the
+    stages must take the grid there."""
+    port_dir = section.get("port_dir", "") or ""
+    stated = {}
+    widths = tuple(section.get("conditioning_embedding_out_channels", ()) or ())
+    if widths:
+        stated["conditioning_embedding_out_channels"] = widths
+    elif latent_size is not None and not port_dir:
+        stated["conditioning_embedding_out_channels"] = latent_embedding_channels(
+            latent_stages(tuple(clip_grid), tuple(latent_size)))
+    elif not port_dir:
+        raise ValueError("config.controlnet: set conditioning_embedding_out_channels (its length - 1 is the number "
+                         "of 2x stages from the upsampled CLIP grid to the UNet's latents, docs/unet.md) or a port_dir")
+    fields = resolve_model_config(stated, key="config.controlnet", kind="unet_controlnet", port_dir=port_dir)
     channels = tuple(fields["conditioning_embedding_out_channels"])
-    if len(channels) - 1 != stages:
+    if latent_size is not None and len(channels) - 1 != latent_stages(tuple(clip_grid), tuple(latent_size)):
         raise ValueError(f"config.controlnet.conditioning_embedding_out_channels={list(channels)} has "
-                         f"{len(channels) - 1} stages; CLIP grid {clip_grid} to latents {latent_size} needs {stages} "
-                         "(docs/unet.md, resolution arithmetic)")
+                         f"{len(channels) - 1} stages; CLIP grid {tuple(clip_grid)} to latents {tuple(latent_size)} "
+                         f"needs {latent_stages(tuple(clip_grid), tuple(latent_size))} (docs/unet.md, resolution "
+                         "arithmetic)")
     cfg = UNetControlNetConfig.from_unet_config(unet.module.config, conditioning_embedding_out_channels=channels,
                                                 clip_latent_dim=int(clip_latent_dim), clip_grid=tuple(clip_grid))
     module = LatentUNetControlNet(cfg, **module_kwargs(section))

@@ -86,7 +86,7 @@ class _UNetFamily(ComponentPhase):
         embeds, pooled = encode_unet_text(self.clip.module, {"params": frozen["clip"]}, batch["clip_ids"], clip_2,
                                           {"params": frozen.get("clip_2")}, batch.get("clip_2_ids"))
         added = None
-        if pooled is not None:
+        if self.clip_2 is not None:
             r = self.resolution
             added = {"text_embeds": jax.lax.stop_gradient(pooled.astype(jnp.float32)),
                      "time_ids": sdxl_time_ids(embeds.shape[0], (r, r))}
