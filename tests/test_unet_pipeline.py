@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import flax.linen as nn
 from flax import traverse_util
 from PIL import Image
 
@@ -21,7 +22,9 @@ from bifrost_jax.sample.unet_decoder import sample_unet_latents
 from bifrost_jax.sample.unet_pipeline import UNetBifrostPipeline
 from bifrost_jax.train.export import pipeline_from_workdir
 from bifrost_jax.train.loop import train
+from bifrost_jax.train.phase_configs import TINY_CLIP, section
 from bifrost_jax.train.registry import get_phase
+from bifrost_jax.train.state import split_params
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 CACHE_OPTIONS = {"jax_compilation_cache_dir": None, "jax_persistent_cache_min_compile_time_secs": 0.0,
@@ -138,3 +141,44 @@ def test_generate_command_with_checkpoint(runs, pipe, tmp_path):
                      str(tmp_path)] + flags) == 0
     got = np.asarray(Image.open(tmp_path / "000_00.png"))
     assert np.abs(got.astype(int) - want[0]).max() <= 1
+
+
+def _sdxl_config(**unet):
+    """The tiny controlnet (decoder unet) config made SDXL-shaped: two text encoders (32 + 32 = 64-wide tokens),
+    ``text_time`` with the second encoder's 32-wide pooled projection and 8-wide time-id embeddings."""
+    c = load_config_file(os.path.join(ROOT, "configs", "unet_controlnet.py"), ["scheduler.prediction_type=v_prediction"])
+    with c.unlocked():
+        c.unet.config.update(dict(cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
+                                  projection_class_embeddings_input_dim=32 + 6 * 8, **unet))
+        c.clip_2 = section(TINY_CLIP, tokenizer_dir="", max_length=16)
+    return c
+
+
+def test_sdxl_shaped_phase_traces_with_pooled_text_and_time_ids():
+    phase = get_phase(_sdxl_config())
+    abstract = jax.eval_shape(phase.init_variables, jax.random.PRNGKey(0))
+    params = nn.meta.unbox(abstract["params"])
+    trainable, frozen = split_params(params, phase.is_trainable)
+    assert set(trainable) == {"controlnet"} and {"unet", "clip", "clip_2", "vae", "vision"} <= set(frozen)
+    batch = phase.batch_spec(2)
+    assert batch["clip_2_ids"].shape == (2, 16)
+    embeds, added = jax.eval_shape(phase.text_conditioning, frozen, batch)
+    assert embeds.shape == (2, 16, 64)
+    assert added["text_embeds"].shape == (2, 32) and added["time_ids"].shape == (2, 6)
+    mutable = {"batch_stats": nn.meta.unbox(abstract["batch_stats"])}
+    loss, (metrics, _) = jax.eval_shape(phase.loss_fn, trainable, frozen, mutable, batch, jax.random.PRNGKey(1))
+    assert loss.shape == () and phase.schedule.prediction_type == "v_prediction"
+    assert phase.analytic_flops(2).total > 0
+
+
+def test_text_encoders_must_fit_the_unet():
+    c = _sdxl_config()
+    with c.unlocked():
+        del c["clip_2"]
+        c.unet.config.cross_attention_dim = 32
+    with pytest.raises(ValueError, match="config.clip_2"):
+        get_phase(c)
+    wide = _sdxl_config()
+    wide.unet.config.cross_attention_dim = 96
+    with pytest.raises(ValueError, match="cross_attention_dim=96 but config.clip \\+ config.clip_2"):
+        get_phase(wide)
