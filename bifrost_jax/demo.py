@@ -44,8 +44,10 @@ from bifrost_jax.train.loop import train
 from bifrost_jax.train.export import pipeline_from_workdir
 
 PHASE_ORDER = ("vae", "flux", "controlnet", "mllm")
+# --config.decoder=unet: a Stable Diffusion-architecture UNet in place of FLUX (docs/unet.md)
+UNET_PHASE_ORDER = ("vae", "unet", "controlnet", "mllm")
 # phase -> the phases whose checkpoints it starts from (a forced phase forces its dependents)
-DEPENDS_ON = {"vae": (), "flux": ("vae",), "controlnet": ("flux", "vae"), "mllm": ()}
+DEPENDS_ON = {"vae": (), "flux": ("vae",), "unet": ("vae",), "controlnet": ("flux", "unet", "vae"), "mllm": ()}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "demo.py")
 
@@ -68,15 +70,36 @@ def _set(cfg, dotted: str, value) -> None:
         node[leaf] = value
 
 
+def phase_order(demo) -> tuple[str, ...]:
+    """The phases of the demo config's ``decoder`` ("flux" or "unet"), in training order."""
+    decoder = demo.get("decoder", "flux")
+    if decoder not in ("flux", "unet"):
+        raise ValueError(f"demo config: decoder={decoder!r}; use 'flux' or 'unet'")
+    return UNET_PHASE_ORDER if decoder == "unet" else PHASE_ORDER
+
+
+def _set_unet_sections(c, m, ckpt, name: str) -> None:
+    """The UNet decoder's sections of the ``unet`` and ``controlnet`` (``configs/unet_controlnet.py``) phases."""
+    _set(c, "unet.config", m.unet.to_dict())
+    _set(c, "clip.config", m.clip.to_dict())
+    _set(c, "clip.max_length", int(m.text_max_length))
+    _set(c, "vae.init_from", ckpt("vae"))
+    if name == "controlnet":
+        _set(c, "unet.init_from", ckpt("unet"))
+        _set(c, "controlnet.conditioning_embedding_out_channels", tuple(m.unet_controlnet_channels))
+
+
 def phase_configs(demo, workdir: str, *, fast: bool = False) -> dict[str, Any]:
     """``{phase: config}``: ``configs/<phase>.py`` with the demo's sizes, schedule, data and mesh."""
 
     workdir = os.path.abspath(workdir)
     m = demo.models
     ckpt = lambda name: os.path.join(workdir, name, "checkpoints")  # noqa: E731
+    unet = demo.get("decoder", "flux") == "unet"
     out = {}
-    for name in PHASE_ORDER:
-        c = load_config_file(os.path.join(ROOT, "configs", f"{name}.py"))
+    for name in phase_order(demo):
+        file = "unet_controlnet" if unet and name == "controlnet" else name
+        c = load_config_file(os.path.join(ROOT, "configs", f"{file}.py"))
         p = demo.phases[name]
         steps = max(2, int(round(p.steps * demo.fast_fraction))) if fast else int(p.steps)
         _set(c, "seed", int(demo.seed))
@@ -102,7 +125,9 @@ def phase_configs(demo, workdir: str, *, fast: bool = False) -> dict[str, Any]:
             _set(c, "mllm.max_prompt_length", int(m.mllm_max_prompt_length))
         else:
             _set(c, "vae.config", m.vae.to_dict())
-        if name in ("flux", "controlnet"):
+        if unet and name in ("unet", "controlnet"):
+            _set_unet_sections(c, m, ckpt, name)
+        elif name in ("flux", "controlnet"):
             _set(c, "flux.config", m.flux.to_dict())
             _set(c, "t5.config", m.t5.to_dict())
             _set(c, "clip.config", m.clip.to_dict())
@@ -112,7 +137,7 @@ def phase_configs(demo, workdir: str, *, fast: bool = False) -> dict[str, Any]:
         if name in ("controlnet", "mllm"):
             _set(c, "vision.config", m.vision.to_dict())
             _set(c, "vision.resolution", int(m.vision_resolution))
-        if name == "controlnet":
+        if name == "controlnet" and not unet:
             _set(c, "flux.init_from", ckpt("flux"))
             _set(c, "controlnet.num_layers", int(m.controlnet.num_layers))
             _set(c, "controlnet.num_single_layers", int(m.controlnet.num_single_layers))
@@ -153,7 +178,7 @@ def _log(msg: str) -> None:
 def phases_to_force(force: Sequence[str]) -> set[str]:
     """``force`` and every phase that starts (transitively) from one of them."""
     forced = set()
-    for name in PHASE_ORDER:
+    for name in DEPENDS_ON:  # dependencies first
         if name in force or any(d in forced for d in DEPENDS_ON[name]):
             forced.add(name)
     return forced
@@ -166,8 +191,7 @@ def run_phases(configs: dict, workdir: str, *, force: Sequence[str] = (), progre
     records_path = os.path.join(os.path.abspath(workdir), "demo", "phases.json")
     records = _read_json(records_path, {})
     out = {}
-    for name in PHASE_ORDER:
-        config = configs[name]
+    for name, config in configs.items():
         phase_dir = os.path.join(os.path.abspath(workdir), name)
         stamp = os.path.join(phase_dir, "demo_phase_config.json")
         steps = int(config.train.steps)
@@ -385,8 +409,7 @@ def format_summary(report: dict, phases: dict, workdir: str, *, total_seconds: f
     lines = ["=" * 78, "Bifrost-1 (JAX) embedded demo" + ("  [--fast: a quick look, not the reported numbers]"
                                                         if fast else ""), "=" * 78]
     lines.append("phases (tiny models trained from scratch on the shapes data, CPU):")
-    for name in PHASE_ORDER:
-        p = phases[name]
+    for name, p in phases.items():
         m = p.get("last_metrics") or {}
         loss = m.get("loss")
         how = (f"trained {p['seconds']:.0f} s" if p["status"] == "trained"
@@ -449,7 +472,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workdir", required=True, help="where data, checkpoints, logs and results go")
     parser.add_argument("--fast", action="store_true",
                         help="train a fraction (config.fast_fraction) of every phase's steps, score fewer prompts")
-    parser.add_argument("--force", action="append", default=[], choices=PHASE_ORDER,
+    parser.add_argument("--force", action="append", default=[], choices=tuple(DEPENDS_ON),
                         help="retrain PHASE and the phases that start from it (repeatable)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     args, rest = parser.parse_known_args(argv)

@@ -36,8 +36,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--seed", type=int, default=None, help="seed, re-used for every prompt (default: config)")
     parser.add_argument("--mar-steps", type=positive_int, default=None, help="MAR decoding steps (default: config / N)")
     parser.add_argument("--mllm-cfg", type=float, default=None, help="MLLM classifier-free guidance weight")
-    parser.add_argument("--flux-steps", type=positive_int, default=None, help="FLUX Euler steps")
-    parser.add_argument("--guidance", type=float, default=None, help="FLUX distilled guidance")
+    parser.add_argument("--flux-steps", type=positive_int, default=None,
+                        help="diffusion decoder steps (FLUX Euler; a UNet decoder's scheduler)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="FLUX distilled guidance (a UNet decoder: the text CFG scale)")
     parser.add_argument("--conditioning-scale", type=float, default=None, help="latent ControlNet residual scale")
     parser.add_argument("--batch-size", type=positive_int, default=4, help="prompts per generation call")
     parser.add_argument("--out", required=True, help="output directory")

@@ -10,6 +10,8 @@ CLIP latents precomputed once instead of on the fly (centre crops only; the phas
 
     bifrost cache-latents --config configs/controlnet.py --out runs/demo/clip_latents.npy
     ... --config.data.precomputed_clip_latents=runs/demo/clip_latents.npy
+
+The same phase with a Stable Diffusion UNet decoder instead of FLUX: ``configs/unet_controlnet.py``.
 """
 import ml_collections
 
@@ -18,6 +20,7 @@ from bifrost_jax.train.phase_configs import tiny_flux_family, tiny_vision_sectio
 
 def get_config():
     c = tiny_flux_family("controlnet")
+    c.decoder = "flux"  # the diffusion decoder the ControlNet steers (train/registry.py DECODER_PHASES)
     c.vision = tiny_vision_section()
     c.controlnet = ml_collections.ConfigDict(dict(num_layers=1, num_single_layers=1, from_transformer=True,
                                                   dtype="float32", param_dtype="float32", scan_layers=False,

@@ -20,6 +20,11 @@ The ViT (Qwen2.5-VL architecture) stays FROZEN AT ITS RANDOM INIT (nothing pretr
 are still a deterministic feature map of the image, which is all the ControlNet and the MLLM need here. The T5 and
 CLIP text encoders are frozen random too; the word tokenizer is built from the dataset vocabulary.
 
+With ``--config.decoder=unet`` a Stable Diffusion-architecture UNet (``models.unet``, trained from scratch by the
+``unet`` phase) replaces FLUX and the latent UNet ControlNet steers it (docs/unet.md):
+vae -> unet -> controlnet (configs/unet_controlnet.py: UNet and VAE from the two phases before) -> mllm. Same 16x16x4
+latents; the 4x4 CLIP grid -> 8x8 upsampled -> one 2x stage of the condition embedding -> 16x16.
+
     make demo                                     # = bifrost demo --workdir runs/demo
     bifrost demo --workdir runs/demo [--fast] [--force PHASE] [--config.phases.flux.steps=800 ...]
 """
@@ -29,6 +34,7 @@ import ml_collections
 def get_config():
     c = ml_collections.ConfigDict()
     c.seed = 0
+    c.decoder = "flux"              # or "unet": the UNet decoder variant (see the docstring)
     # One CPU device by default (tiny models: XLA's intra-op threads beat splitting the batch); tests run on 8
     # simulated devices, where fsdp=-1 takes them all.
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
@@ -55,6 +61,12 @@ def get_config():
                     temporal_patch_size=2, spatial_merge_size=2, window_size=56, fullatt_block_indexes=(1,))
     m.vision_resolution = 112
     m.controlnet = dict(num_layers=1, num_single_layers=1)
+    # the UNet decoder (--config.decoder=unet): text tokens from the CLIP encoder above (cross_attention_dim 64)
+    m.unet = dict(sample_size=16, block_out_channels=(64, 128), layers_per_block=1,
+                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64, attention_head_dim=4,
+                  norm_num_groups=16)
+    m.unet_controlnet_channels = (32, 32)
     m.mllm_text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                        num_key_value_heads=2, vocab_size=128, rope_theta=1e6, mrope_section=(4, 2, 2))
     m.mllm_max_prompt_length = 48
@@ -65,11 +77,13 @@ def get_config():
     # (300 x 16 steps: 0.78, 800 x 32: 0.95), and the MLLM needs ~2500 x 32 steps to generalise colour to unseen
     # colour-shape pairs (1500 x 16: colour 0.28, 4000 x 32: 0.69, same diffusion checkpoints).
     c.phases = ml_collections.ConfigDict()
-    for name, steps, batch, lr in (("vae", 600, 32, 2e-3), ("flux", 600, 64, 2e-3),
+    for name, steps, batch, lr in (("vae", 600, 32, 2e-3), ("flux", 600, 64, 2e-3), ("unet", 600, 64, 2e-3),
                                    ("controlnet", 500, 32, 1e-3), ("mllm", 3000, 32, 1e-3)):
         c.phases[name] = ml_collections.ConfigDict(dict(steps=steps, batch_size=batch, lr=lr, warmup_steps=50))
     # the unconditional prompt "" (MLLM classifier-free guidance, generate.mllm_cfg > 1) must be seen in training
     c.phases.mllm.text_dropout = 0.1
+    # and so must the UNet's (text classifier-free guidance of the UNet decoder: generate.guidance is its scale)
+    c.phases.unet.text_dropout = 0.1
     c.log_every = 50
     c.fast_fraction = 0.2           # --fast: this fraction of every phase's steps (a quick look, not the numbers)
 

@@ -112,7 +112,7 @@ def _hf_load(comp: Component, abstract, shardings, mesh):
     kw = dict(dtype=abstract_dtype(abstract), mesh=mesh)
     if "scan_layers" in s:
         kw["scan_layers"] = s.scan_layers
-    if kind == "latent-controlnet":
+    if kind in ("latent-controlnet", "latent-unet-controlnet"):
         # the official config.json has no clip_grid (the port would assume the released 16x16): the phase's
         kw["clip_grid"] = tuple(comp.module.config.clip_grid)
     _, variables = port.load(kind, path, **kw)

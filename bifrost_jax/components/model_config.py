@@ -21,6 +21,7 @@ from bifrost_jax.configs import config_dict
 from bifrost_jax.models.qwen.decoder import QwenTextConfig
 from bifrost_jax.port.base import read_json
 from bifrost_jax.port.orbax_io import read_port_info
+from bifrost_jax.port.unet import model_dir
 from bifrost_jax.port.vae import vae_dir
 
 
@@ -36,7 +37,8 @@ def _plain(x: Any) -> Any:
 # component kind -> the ``bifrost port`` kinds whose recorded config.json describes it
 PORT_KINDS = {"flux": ("flux-transformer",), "controlnet": ("latent-controlnet", "flux-controlnet"),
               "vae": ("flux-vae",), "t5": ("t5-encoder",), "clip": ("clip-text", "clip-text-projection"),
-              "vision": ("qwen2.5-vl", "bifrost-1"), "qwen_text": ("qwen2.5-vl", "bifrost-1")}
+              "vision": ("qwen2.5-vl", "bifrost-1"), "qwen_text": ("qwen2.5-vl", "bifrost-1"), "unet": ("unet",),
+              "unet_controlnet": ("latent-unet-controlnet",)}
 
 
 def _source_config(port_dir: str, kind: str) -> tuple[Optional[dict], str]:
@@ -47,7 +49,7 @@ def _source_config(port_dir: str, kind: str) -> tuple[Optional[dict], str]:
         if info.get("kind") not in PORT_KINDS[kind]:
             raise ValueError(f"{port_dir} is a {info.get('kind')!r} port; expected one of {PORT_KINDS[kind]}")
         return info.get("hf_config"), os.path.join(port_dir, "port.json")
-    directory = vae_dir(port_dir) if kind == "vae" else port_dir
+    directory = vae_dir(port_dir) if kind == "vae" else model_dir(port_dir, None, "unet") if kind == "unet" else port_dir
     path = os.path.join(directory, "config.json")
     return (read_json(path), path) if os.path.isfile(path) else (None, path)
 

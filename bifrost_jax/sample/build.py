@@ -23,7 +23,12 @@ from bifrost_jax.data.prompt import build_word_tokenizer, load_tokenizer
 from bifrost_jax.data.tokenizers import PaddedTokenizer, hash_tokenizer, hf_tokenizer
 from bifrost_jax.parallel.mesh import make_mesh
 from bifrost_jax.parallel.rules import abstract_variables, axis_rules
+from bifrost_jax.components.unet import (clip_projection_component, latent_unet_controlnet_component,
+                                         unet_component)
+from bifrost_jax.configs import config_dict
 from bifrost_jax.sample.pipeline import BifrostPipeline, FluxTextEncoder, SamplingOptions
+from bifrost_jax.sample.schedulers import SCHEDULERS
+from bifrost_jax.sample.unet_pipeline import UNetBifrostPipeline, UNetTextEncoder
 
 BUILD_DOC = """Config schema of ``build_pipeline`` (ml_collections):
 
@@ -48,11 +53,25 @@ BUILD_DOC = """Config schema of ``build_pipeline`` (ml_collections):
                                          slow tokenizer), or "hash" (``hash_tokenizer``); max_length (512 / 77)
     config.mllm.tokenizer_dir            a tokenizer.json directory, or "word" (``build_word_tokenizer`` over
                                          ``tokenizer_words``); max_prompt_length
+UNet decoder (``config.decoder = "unet"``, docs/unet.md): sections ``unet``, ``controlnet``
+                                         (conditioning_embedding_out_channels, or a port_dir), ``vae``, ``clip``
+                                         (+ ``clip_2`` for SDXL), ``vision``, ``mllm``; ``config.scheduler`` the
+                                         noise schedule (scheduler_config.json fields) and ``config.sample.scheduler``
+                                         the sampler class name (default DPMSolverMultistepScheduler); flux_steps and
+                                         guidance are then the UNet's steps and text CFG scale
 Without --config, ``bifrost generate --checkpoint WORKDIR`` takes every section from the configs a trained
 workdir's checkpoints recorded (``train/export.py``).
 """
 
 COMPONENTS = ("flux", "controlnet", "vae", "t5", "clip", "vision", "mllm")
+UNET_COMPONENTS = ("unet", "controlnet", "vae", "clip", "vision", "mllm")  # + clip_2 for SDXL
+
+
+def components_of(config) -> tuple[str, ...]:
+    """The component sections a generation config must have (its ``decoder``: "flux", the default, or "unet")."""
+    if config.get("decoder", "flux") == "unet":
+        return UNET_COMPONENTS + (("clip_2",) if "clip_2" in config else ())
+    return COMPONENTS
 
 
 def synthetic_variables(abstract, seed: int, noise: float = 0.05):
@@ -152,15 +171,29 @@ def _mllm_tokenizer(section):
 
 def build_pipeline(config: ml_collections.ConfigDict, *, mesh=None) -> BifrostPipeline:
     """A ``BifrostPipeline`` from a generation config (``BUILD_DOC``)."""
-    missing = [name for name in COMPONENTS if name not in config]
+    missing = [name for name in components_of(config) if name not in config]
     if missing:
-        raise ValueError(f"generation config: no section {missing} (BUILD_DOC; the FLUX transformer's is flux)")
+        raise ValueError(f"generation config: no section {missing} (BUILD_DOC; the FLUX transformer's is flux, a "
+                         "UNet decoder's unet)")
     if mesh is None and config.get("mesh", None) is not None:
         mesh = make_mesh(dict(config.mesh), devices=jax.local_devices())
     placer = _Placer(mesh, config.get("seed", 0))
 
     mllm = mllm_component(config.mllm)
     mllm_vars = _mllm_variables(placer, mllm)
+    tokenizer = _mllm_tokenizer(config.mllm)
+    if tokenizer.vocab_size > mllm.config.text.vocab_size:
+        raise ValueError(f"the MLLM tokenizer has {tokenizer.vocab_size} tokens but config.mllm's vocab_size is "
+                         f"{mllm.config.text.vocab_size}")
+    s = config.sample
+    options = SamplingOptions(num_images_per_prompt=int(s.num_images_per_prompt), seed=int(s.seed),
+                              mar_steps=int(s.mar_steps) or None, mllm_cfg=float(s.mllm_cfg),
+                              flux_steps=int(s.flux_steps), guidance=float(s.guidance),
+                              conditioning_scale=float(s.conditioning_scale))
+    if config.get("decoder", "flux") == "unet":
+        return _build_unet_pipeline(config, placer, mllm, dict(
+            mllm=mllm.module, mllm_variables=mllm_vars, tokenizer=tokenizer,
+            max_prompt_length=int(config.mllm.max_prompt_length), mesh=mesh, options=options))
     transformer = flux_component(config.flux, trainable=False)
     controlnet = latent_controlnet_component(config.controlnet, transformer, mllm.config.clip_dim,
                                              tuple(mllm.config.image_grid))
@@ -174,15 +207,6 @@ def build_pipeline(config: ml_collections.ConfigDict, *, mesh=None) -> BifrostPi
         t5.module, variables["t5"], _text_tokenizer(config.t5, t5_cfg, t5_cfg.eos_token_id, t5_cfg.pad_token_id or 0),
         clip.module, variables["clip"], _text_tokenizer(config.clip, clip_cfg, clip_cfg.eos_token_id,
                                                         clip_cfg.pad_token_id or 0, clip_cfg.bos_token_id))
-    tokenizer = _mllm_tokenizer(config.mllm)
-    if tokenizer.vocab_size > mllm.config.text.vocab_size:
-        raise ValueError(f"the MLLM tokenizer has {tokenizer.vocab_size} tokens but config.mllm's vocab_size is "
-                         f"{mllm.config.text.vocab_size}")
-    s = config.sample
-    options = SamplingOptions(num_images_per_prompt=int(s.num_images_per_prompt), seed=int(s.seed),
-                              mar_steps=int(s.mar_steps) or None, mllm_cfg=float(s.mllm_cfg),
-                              flux_steps=int(s.flux_steps), guidance=float(s.guidance),
-                              conditioning_scale=float(s.conditioning_scale))
     return BifrostPipeline(transformer=transformer.module, transformer_variables=variables["transformer"],
                            controlnet=controlnet.module, controlnet_variables=variables["controlnet"],
                            vae=vae.module, vae_variables=variables["vae"], encode_text=encode_text,
@@ -190,3 +214,32 @@ def build_pipeline(config: ml_collections.ConfigDict, *, mesh=None) -> BifrostPi
                            max_prompt_length=int(config.mllm.max_prompt_length), vision=vision.module,
                            vision_variables=variables["vision"], mesh=mesh, options=options)
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# the UNet decoder (config.decoder = "unet", docs/unet.md)
+
+def _build_unet_pipeline(config, placer: _Placer, mllm: MllmComponent, shared: dict) -> UNetBifrostPipeline:
+    """``UNET_BUILD_DOC``'s pipeline: the sections ``unet``, ``controlnet`` (its widths; the rest follows the UNet
+    and the mllm's grid), ``vae``, ``clip`` (+ ``clip_2`` for SDXL), ``vision``, ``mllm``, and ``scheduler``."""
+    unet = unet_component(config.unet, trainable=False)
+    vision = mllm_vision_component(config.vision, mllm)
+    vae = vae_component(config.vae, trainable=False)
+    controlnet = latent_unet_controlnet_component(config.controlnet, unet, mllm.config.clip_dim,
+                                                  tuple(mllm.config.image_grid))
+    comps = [(unet, "unet"), (controlnet, "controlnet"), (vae, "vae"), (clip_component(config.clip), "clip"),
+             (vision, "vision")]
+    if "clip_2" in config:
+        comps.append((clip_projection_component(config.clip_2), "clip_2"))
+    variables = {comp.name: _variables(placer, comp, name) for comp, name in comps}
+    encoders = []
+    for comp, _ in comps[3:4] + comps[5:]:
+        cfg = comp.module.config
+        encoders += [comp.module, variables[comp.name],
+                     _text_tokenizer(comp.section, cfg, cfg.eos_token_id, cfg.pad_token_id or 0, cfg.bos_token_id)]
+    scheduler = SCHEDULERS[config.sample.get("scheduler", "DPMSolverMultistepScheduler")].from_hf_config(
+        config_dict(config.scheduler))
+    return UNetBifrostPipeline(transformer=unet.module, transformer_variables=variables["unet"],
+                               controlnet=controlnet.module, controlnet_variables=variables["controlnet"],
+                               vae=vae.module, vae_variables=variables["vae"], encode_text=UNetTextEncoder(*encoders),
+                               vision=vision.module, vision_variables=variables["vision"], scheduler=scheduler,
+                               **shared)

@@ -216,6 +216,11 @@ class BifrostPipeline:
                              f"{self.vae.config.latent_channels} (2x2 packing)")
         if cn.in_channels != t.in_channels:
             raise ValueError(f"BifrostPipeline: ControlNet in_channels {cn.in_channels} != FLUX {t.in_channels}")
+        self._check_condition_sources()
+
+    def _check_condition_sources(self):
+        """The MLLM and the vision tower make the CLIP latents the ControlNet expects."""
+        cn = self.controlnet.config
         if self.mllm is not None:
             m = self.mllm.config
             if tuple(m.image_grid) != tuple(cn.clip_grid) or m.clip_dim != cn.clip_latent_dim:

@@ -73,6 +73,15 @@ def sdxl_text_conditioning(clip_l, clip_l_variables, clip_g, clip_g_variables, i
     return jnp.concatenate([hidden_l[-2], hidden_g[-2]], axis=-1), pooled
 
 
+def encode_unet_text(clip, clip_variables, ids, clip_2=None, clip_2_variables=None, ids_2=None):
+    """(prompt_embeds, pooled) of the UNet family's frozen text encoders, no attention masks (as diffusers' SD
+    pipelines): SD 1.x / 2.x: the CLIP text encoder's last hidden state (its pooled output, which the UNet does not
+    read, as ``pooled``); SDXL (``clip_2`` given): ``sdxl_text_conditioning``."""
+    if clip_2 is None:
+        return clip.apply(clip_variables, ids)
+    return sdxl_text_conditioning(clip, clip_variables, clip_2, clip_2_variables, ids, ids_2)
+
+
 def sdxl_time_ids(batch: int, original_size: tuple[int, int], crop_top_left: tuple[int, int] = (0, 0),
                   target_size: Optional[tuple[int, int]] = None):
     """SDXL micro-conditioning ``time_ids`` (batch, 6): original (h, w), crop (top, left), target (h, w) in pixels

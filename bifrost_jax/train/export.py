@@ -25,13 +25,15 @@ import ml_collections
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from bifrost_jax.configs import parse_config_flags
+from bifrost_jax.configs import config_dict, parse_config_flags
 from bifrost_jax.data.prompt import load_tokenizer
 from bifrost_jax.data.sources import word_tokenizer_dir
 from bifrost_jax.data.tokenizers import PaddedTokenizer
 from bifrost_jax.parallel.multislice import mesh_from_config
-from bifrost_jax.sample.build import COMPONENTS, build_pipeline
+from bifrost_jax.sample.build import build_pipeline, components_of
 from bifrost_jax.sample.pipeline import BifrostPipeline, FluxTextEncoder, SamplingOptions
+from bifrost_jax.sample.schedulers import DPMSolverMultistepConfig
+from bifrost_jax.sample.unet_pipeline import UNetBifrostPipeline, UNetTextEncoder
 from bifrost_jax import checkpoint as ckpt
 from bifrost_jax.train.loop import initial_frozen
 from bifrost_jax.train.phases import Phase
@@ -85,20 +87,40 @@ def pipeline_from_workdir(workdir: str, *, options: Optional[SamplingOptions] = 
     vision_vars: Any = _component(cn_vars, "vision") or _component(mllm_vars, "vision")
     if not vision_vars:  # both phases read CLIP latents from a cache: the tower they were built with
         vision_vars = _frozen_vision(mp)
+    m = mp.config
+    tokenizer = load_tokenizer(m.mllm.tokenizer_dir or word_tokenizer_dir(m.data, None))
+    shared = dict(controlnet=cn.controlnet.module, controlnet_variables=_component(cn_vars, "controlnet"),
+                  vae=cn.vae.module, vae_variables=_component(cn_vars, "vae"), mllm=mp.mllm.module,
+                  mllm_variables=_component(mllm_vars, "mllm"), tokenizer=tokenizer,
+                  max_prompt_length=int(m.mllm.max_prompt_length), vision=cn.vision.module,
+                  vision_variables=vision_vars, mesh=mesh, options=options or SamplingOptions())
+    if c.get("decoder", "flux") == "unet":
+        return _unet_pipeline(cn, cn_vars, shared)
     tok_dir = None if (c.t5.tokenizer_dir and c.clip.tokenizer_dir) else word_tokenizer_dir(c.data, None)
     encode_text = FluxTextEncoder(cn.t5.module, _component(cn_vars, "t5"),
                                   PaddedTokenizer(c.t5.tokenizer_dir or tok_dir, c.t5.max_length),
                                   cn.clip.module, _component(cn_vars, "clip"),
                                   PaddedTokenizer(c.clip.tokenizer_dir or tok_dir, c.clip.max_length))
-    m = mp.config
-    tokenizer = load_tokenizer(m.mllm.tokenizer_dir or word_tokenizer_dir(m.data, None))
-    return BifrostPipeline(
-        transformer=cn.transformer.module, transformer_variables=_component(cn_vars, "transformer"),
-        controlnet=cn.controlnet.module, controlnet_variables=_component(cn_vars, "controlnet"),
-        vae=cn.vae.module, vae_variables=_component(cn_vars, "vae"), encode_text=encode_text,
-        mllm=mp.mllm.module, mllm_variables=_component(mllm_vars, "mllm"), tokenizer=tokenizer,
-        max_prompt_length=int(m.mllm.max_prompt_length), vision=cn.vision.module, vision_variables=vision_vars,
-        mesh=mesh, options=options or SamplingOptions())
+    return BifrostPipeline(transformer=cn.transformer.module, transformer_variables=_component(cn_vars, "transformer"),
+                           encode_text=encode_text, **shared)
+
+
+def _unet_pipeline(cn: Phase, cn_vars: dict, shared: dict) -> UNetBifrostPipeline:
+    """The UNet-decoder pipeline of a ``controlnet`` phase trained with ``decoder: unet``: its UNet, text encoders
+    and VAE, and a DPM-Solver++ (2M) sampler on the noise schedule it was trained with."""
+    c = cn.config
+    tok_dir = None
+    if not all(comp.section.tokenizer_dir for comp, _ in cn.text_encoders()):
+        tok_dir = word_tokenizer_dir(c.data, None)
+    toks = [PaddedTokenizer(comp.section.tokenizer_dir or tok_dir, comp.section.max_length)
+            for comp, _ in cn.text_encoders()]
+    clip_2 = cn.clip_2
+    encode_text = UNetTextEncoder(cn.clip.module, _component(cn_vars, "clip"), toks[0],
+                                  clip_2 and clip_2.module, clip_2 and _component(cn_vars, "clip_2"),
+                                  toks[1] if clip_2 else None)
+    scheduler = DPMSolverMultistepConfig.from_hf_config(config_dict(c.scheduler))
+    return UNetBifrostPipeline(transformer=cn.unet.module, transformer_variables=_component(cn_vars, "unet"),
+                               encode_text=encode_text, scheduler=scheduler, **shared)
 
 
 def _frozen_vision(phase: Phase) -> dict:
@@ -126,7 +148,7 @@ def random_components(config) -> list[str]:
     vision tower also takes the mllm's ``port_dir``): what would be random."""
     def sourced(section):
         return bool(section.get("port_dir", "") or section.get("init_from", ""))
-    out = [n for n in COMPONENTS if n in config and n != "vision" and not sourced(config[n])]
+    out = [n for n in components_of(config) if n in config and n != "vision" and not sourced(config[n])]
     if "vision" in config and not (sourced(config.vision) or config.mllm.get("port_dir", "")):
         out.append("vision")
     return out

@@ -11,31 +11,24 @@ Components and their weight sources: ``bifrost_jax/components``.
 """
 from __future__ import annotations
 
-import logging
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bifrost_jax.components import (Component, clip_component, clip_latents_from_pixels, flux_component,
-                                    load_component, merge_trees, place_partial, rebox,
-                                    relax_indivisible, t5_component, vae_component, vision_component, vision_grid)
+from bifrost_jax.components import (Component, clip_component, flux_component, merge_trees, place_partial, rebox,
+                                    relax_indivisible, t5_component, vae_component)
 from bifrost_jax.components.bifrost import latent_controlnet_component
-from bifrost_jax.data.latent_cache import cache_fields
-from bifrost_jax.data.sources import (IndexedSource, check_cache_crop, image_source, load_clip_cache,
-                                      make_image_preprocess, pixels_to_unit, train_iterator, word_tokenizer_dir)
+from bifrost_jax.data.sources import pixels_to_unit, word_tokenizer_dir
 from bifrost_jax.data.tokenizers import PaddedTokenizer
-from bifrost_jax.models.flux.controlnet import (copy_transformer_into_controlnet)
 from bifrost_jax.models import flops
+from bifrost_jax.models.flux.controlnet import copy_transformer_into_controlnet
 from bifrost_jax.models.flux.vae import latent_image_ids, pack_latents, sample_posterior_latents
 from bifrost_jax.models.text.flux_text import encode_flux_text
 from bifrost_jax.sample.flow import add_noise, sample_training_sigmas
-from bifrost_jax.train.phases import Phase
-
-log = logging.getLogger(__name__)
+from bifrost_jax.train.component_phase import ClipLatentCondition, ComponentPhase
 
 
-class _FluxFamily(Phase):
+class _FluxFamily(ComponentPhase):
     """Shared parts of the ``controlnet`` and ``flux`` phases: FLUX, VAE and text encoders, the flow loss."""
 
     train_transformer = False
@@ -68,40 +61,6 @@ class _FluxFamily(Phase):
     # components -------------------------------------------------------------------------------------------------
     def components(self) -> list[Component]:
         return [self.transformer, self.vae, self.t5, self.clip]
-
-    @property
-    def new_subtrees(self):
-        # components without a configured source keep their (deterministic) random init
-        out = []
-        for comp in self.components():
-            if not comp.has_source:
-                out += [("params", comp.name), ("batch_stats", comp.name)]
-        return tuple(out)
-
-    def _init_components(self, rng):
-        variables: dict = {}
-        for comp in self.components():
-            v = comp.init(rng)
-            for c, tree in v.items():
-                variables.setdefault(c, {})[comp.name] = tree
-        return variables
-
-    def init_variables(self, rng):
-        return relax_indivisible(self._init_components(rng))
-
-    def load_pretrained(self, abstract_variables, shardings):
-        out = {}
-        random = []
-        for comp in self.components():
-            if comp.has_source:
-                out = merge_trees(out, load_component(comp, abstract_variables, shardings,
-                                                 collections=tuple(c for c in abstract_variables
-                                                                   if comp.name in abstract_variables[c])))
-            else:
-                random.append(comp.name)
-        if random and out:
-            log.warning("phase %s: no port_dir/init_from for %s: random init (fixed key)", self.name, random)
-        return out or None
 
     # text / latents ---------------------------------------------------------------------------------------------
     def text_embeddings(self, frozen, batch):
@@ -168,21 +127,6 @@ class _FluxFamily(Phase):
 
         return fn
 
-    def extra_views(self, source) -> dict:
-        return {}
-
-    def dataset(self, *, global_batch_size, seed, process_index, process_count):
-        d = self.config.data
-        source = image_source(d)
-        extra = self.extra_views(source)
-        if extra.get("clip_cache") is not None:
-            source = IndexedSource(source)
-        preprocess = make_image_preprocess(vae_resolution=self.resolution, random_crop=d.random_crop,
-                                           min_crop_scale=d.min_crop_scale, text_dropout=d.text_dropout,
-                                           text_fn=self.text_fn(source), **extra)
-        return train_iterator(self.config, source, preprocess, global_batch_size=global_batch_size, seed=seed,
-                               process_index=process_index, process_count=process_count)
-
     # FLOPs --------------------------------------------------------------------------------------------------------
     def tokens_per_example(self):
         return self.num_img_tokens
@@ -220,7 +164,7 @@ class FluxPhase(_FluxFamily):
             self.transformer.module.config, batch_size, self.num_img_tokens, lt, mode="train")
 
 
-class ControlNetPhase(_FluxFamily):
+class ControlNetPhase(ClipLatentCondition, _FluxFamily):
     """Stage A (docs/design.md §9): only the latent ControlNet trains; FLUX, VAE, T5/CLIP and the vision tower are frozen.
 
     Config adds ``controlnet`` (num_layers, num_single_layers, from_transformer, dtypes, port_dir, scan_layers,
@@ -233,20 +177,14 @@ class ControlNetPhase(_FluxFamily):
     def __init__(self, config):
         super().__init__(config)
         c = config
-        self.use_cache = bool(c.data.precomputed_clip_latents)
-        check_cache_crop(c)
-        self.vision = vision_component(c.vision)
-        vcfg = self.vision.module.config
-        self.grid_thw = vision_grid(self.vision.module.config, c.vision.resolution)
-        m = vcfg.spatial_merge_size
-        gh, gw = self.grid_thw[1] // m, self.grid_thw[2] // m
+        self.setup_clip_latents(c)
+        gh, gw = self.clip_grid
         if (2 * gh) * (2 * gw) != self.num_img_tokens:
             raise ValueError(f"the ViT view (config.vision.resolution={c.vision.resolution}: {gh}x{gw} CLIP latents, "
                              f"upsampled to {2 * gh}x{2 * gw}) must match the FLUX token grid of "
                              f"config.data.vae_resolution={self.resolution} ({self.latent_hw // 2}x"
                              f"{self.latent_hw // 2})")
-        self.clip_grid = (gh, gw)
-        self.controlnet = latent_controlnet_component(c.controlnet, self.transformer, vcfg.out_hidden_size,
+        self.controlnet = latent_controlnet_component(c.controlnet, self.transformer, self.clip_latent_dim,
                                                       self.clip_grid)
 
     def components(self):
@@ -287,11 +225,6 @@ class ControlNetPhase(_FluxFamily):
     def is_trainable(self, path):
         return path[0] == "controlnet"
 
-    def clip_latents(self, frozen, batch):
-        if self.use_cache:
-            return jnp.asarray(batch["clip_latents"], jnp.float32)
-        return clip_latents_from_pixels(self.vision.module, frozen["vision"], batch["vit_pixels"], self.grid_thw)
-
     def loss_fn(self, trainable, frozen, mutable, batch, rng):
         f = self.flow_inputs(frozen, batch, rng)
         cond = self.clip_latents(frozen, batch)
@@ -309,32 +242,11 @@ class ControlNetPhase(_FluxFamily):
         return loss, ({"mse": loss, "sigma_mean": jnp.mean(f["sigmas"])}, mutable)
 
     def batch_spec(self, batch_size):
-        spec = super().batch_spec(batch_size)
-        if self.use_cache:
-            cfg = self.controlnet.module.config
-            spec["clip_latents"] = jax.ShapeDtypeStruct(
-                (batch_size, self.clip_grid[0] * self.clip_grid[1], cfg.clip_latent_dim), jnp.float32)
-        else:
-            r = int(self.config.vision.resolution)
-            spec["vit_pixels"] = jax.ShapeDtypeStruct((batch_size, r, r, 3), jnp.uint8)
-        return spec
-
-    def extra_views(self, source):
-        if self.use_cache:
-            cfg = self.controlnet.module.config
-            check_cache_crop(self.config)
-            return {"clip_cache": load_clip_cache(self.config.data.precomputed_clip_latents,
-                                                   self.clip_grid[0] * self.clip_grid[1], cfg.clip_latent_dim,
-                                                   len(source),
-                                                   cache_fields(self.config, self.vision, len(source)))}
-        return {"vit_resolution": int(self.config.vision.resolution)}
+        return {**super().batch_spec(batch_size), **self.clip_latent_spec(batch_size)}
 
     def analytic_parts(self, batch_size):
         b, (lt, _), img = batch_size, self.text_lengths(), self.num_img_tokens
-        parts = self.frozen_conditioning_parts(b)
-        if not self.use_cache:
-            parts.append(flops.Part("vision tower (ViT)", flops.vision_tower(self.vision.module.config,
-                                                                             self.grid_thw, b), "forward"))
+        parts = self.frozen_conditioning_parts(b) + self.vision_parts(b)
         parts += flops.controlnet_parts(self.controlnet.module.config, b, img, lt, mode="train")
         tr = self.transformer.module
         return parts + flops.flux_transformer_parts(tr.config, b, img, lt, mode="backprop", residuals=True,

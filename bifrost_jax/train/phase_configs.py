@@ -108,6 +108,45 @@ def tiny_mllm_section():
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# tiny UNet family (docs/unet.md): SD1.5-shaped (one CLIP text encoder) on the same 16x16 latents as FLUX's VAE view
+
+TINY_UNET = dict(sample_size=16, block_out_channels=(32, 64), layers_per_block=1,
+                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=2,
+                 norm_num_groups=8)
+# Stable Diffusion's training schedule (scheduler_config.json fields); prediction_type "v_prediction" for SD 2.x-v
+SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                   prediction_type="epsilon")
+
+
+def add_unet_family(c, *, unet, vae, clip, clip_max_length, clip_2=None, unet_kw=None, text_kw=None, vae_kw=None):
+    """The sections of the UNet-family phases: ``unet``, ``vae`` (the SD VAE), ``clip`` and, for SDXL
+    (``addition_embed_type="text_time"``), ``clip_2`` (``CLIPTextModelWithProjection``); ``scheduler`` (the noise
+    schedule and prediction type); ``model`` (posterior sample or mean, ControlNet scale in training)."""
+    c.model = ml_collections.ConfigDict(dict(latent_sample=True, conditioning_scale=1.0))
+    c.scheduler = ml_collections.ConfigDict(SD_SCHEDULE)
+    c.unet = section(unet, **(unet_kw or {}))
+    c.vae = section(vae, **(vae_kw or {}))
+    c.clip = section(clip, tokenizer_dir="", max_length=clip_max_length, **(text_kw or {}))
+    if clip_2 is not None:
+        c.clip_2 = section(clip_2, tokenizer_dir="", max_length=clip_max_length, **(text_kw or {}))
+    return c
+
+
+def tiny_unet_family(phase: str):
+    return add_unet_family(tiny_base(phase), unet=TINY_UNET, vae=TINY_VAE, clip=TINY_CLIP, clip_max_length=16)
+
+
+def unet_controlnet_section(**overrides) -> ml_collections.ConfigDict:
+    """``controlnet`` of the UNet decoder: the latent ControlNet's widths (empty: 256 halving per stage) and its
+    start (``from_unet``: a copy of the UNet's encoder, diffusers ``from_unet``); the rest follows the UNet."""
+    s = section({}, from_unet=True, conditioning_embedding_out_channels=())
+    del s["config"]
+    s.update(overrides)
+    return s
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # full size (Qwen2.5-VL-7B + FLUX.1-dev)
 
 FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,

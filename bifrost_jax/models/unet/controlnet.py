@@ -291,6 +291,11 @@ def controlnet_module(config: UNetControlNetConfig, **kw) -> UNetControlNetModel
 COPIED_FROM_UNET = ("conv_in", "time_embedding", "add_embedding", "mid_block")
 
 
+def copied_from_unet(name: str) -> bool:
+    """Whether the top-level ControlNet parameter ``name`` is a copy of the UNet's (diffusers ``from_unet``)."""
+    return name in COPIED_FROM_UNET or name.startswith("down_blocks_")
+
+
 def latent_embedding_channels(stages: int) -> tuple[int, ...]:
     """Default widths of the latent conditioning embedding: 256, halving per 2x stage (at least 32)."""
     return tuple(max(256 >> i, 32) for i in range(stages + 1))
@@ -351,7 +356,7 @@ def controlnet_from_unet(unet_variables, unet_config: UNet2DConditionConfig, *, 
     for name, leaf in shapes["params"].items():
         if name.startswith("controlnet_down_blocks_") or name == "controlnet_mid_block":
             params[name] = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), leaf)
-        elif name in COPIED_FROM_UNET or name.startswith("down_blocks_"):
+        elif copied_from_unet(name):
             if name not in src:
                 raise ValueError(f"controlnet_from_unet: the UNet variables have no {name!r}")
             if jax.tree.map(lambda a: a.shape, leaf) != jax.tree.map(lambda a: a.shape, src[name]):
