@@ -73,8 +73,8 @@ def _tiny_generate_unet_config(mesh: dict, guidance_scale: float = 5.0, sdxl: bo
     c.controlnet = pc.unet_controlnet_section(conditioning_embedding_out_channels=(16, 16))
     # tiny MLLM 4x4 grid -> upsampler 8x8 -> one 2x stage -> 16x16 latents = the 32 px VAE view
     c.data = ml_collections.ConfigDict(dict(vae_resolution=32))
-    c.sample = ml_collections.ConfigDict(dict(mllm_cfg=2.0, guidance_scale=guidance_scale, conditioning_scale=0.7,
-                                              num_inference_steps=10))
+    c.sample = ml_collections.ConfigDict(dict(mllm_cfg=2.0, guidance=guidance_scale, conditioning_scale=0.7,
+                                              flux_steps=10))  # the default sampler, DPM-Solver++
     return c
 
 

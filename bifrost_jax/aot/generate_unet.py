@@ -4,13 +4,16 @@
 * one MAR decode step of the MLLM (``aot.generate.mar_step``, as for ``generate``);
 * one UNet sampling step with text classifier-free guidance: the latent UNet ControlNet and the UNet on
   [unconditional; conditional] (2B rows; the ControlNet's condition embedding precomputed once per image, as
-  ``sample.unet_decoder.sample_unet_latents`` does), the guided prediction and a DDIM update of the config's
-  ``scheduler``. ``sample.guidance_scale`` 1 drops the unconditional half.
+  ``sample.unet_decoder.sample_unet_latents`` does), the guided prediction and one update of the sampler
+  ``sample.scheduler`` (a class name of ``sample.schedulers.SCHEDULERS``, default DPM-Solver++) on the noise schedule
+  ``config.scheduler``. ``sample.guidance`` (the text CFG scale, as for the pipeline) 1 drops the unconditional
+  half.
 
-The config is a generation config with the component sections of the UNet-family training configs (``unet``,
-``vae`` (its downsampling sets the latent size), ``clip`` (its max_length is the text length), ``controlnet``) plus ``mllm``, ``scheduler``,
-``data.vae_resolution`` (the VAE view: latents are that / the VAE's 8), ``sample`` (guidance_scale,
-conditioning_scale, mllm_cfg, num_inference_steps), ``mesh`` and ``generate_batch``.
+The config is a generation config (``decoder: unet``) with the component sections of the UNet-family training configs
+(``unet``, ``vae`` (its downsampling sets the latent size), ``clip`` (its max_length is the text length),
+``controlnet``) plus ``mllm``, ``scheduler``, ``data.vae_resolution`` (the VAE view), ``sample`` (the
+``SamplingOptions`` fields guidance, conditioning_scale, mllm_cfg, flux_steps = the UNet's steps, and scheduler, as
+``sample.build`` reads them with ``decoder: unet``), ``mesh`` and ``generate_batch``.
 ``configs/full/sdxl_generate_aot.py`` and ``configs/full/sd15_generate_aot.py`` are those at full size. Weights are
 abstract: nothing is allocated.
 """
@@ -29,22 +32,21 @@ from bifrost_jax.components.unet import (clip_projection_component, latent_unet_
 from bifrost_jax.configs import config_dict
 from bifrost_jax.models import flops as F
 from bifrost_jax.models.unet import flops as unet_flops
-from bifrost_jax.sample.schedulers.ddim import DDIMConfig
-from bifrost_jax.sample.schedulers.guidance import cfg_denoise
+from bifrost_jax.sample.schedulers import SCHEDULERS, cfg_denoise
 from bifrost_jax.sample.unet_decoder import unet_model_fn
 
 def generate_unet_target(config: ml_collections.ConfigDict, mesh: Mesh) -> AotTarget:
-    """One MAR decode step + one guided UNet/ControlNet DDIM step (see the module docstring)."""
+    """One MAR decode step + one guided UNet/ControlNet sampling step (see the module docstring)."""
     for name in ("mllm", "unet", "vae", "clip", "controlnet", "scheduler"):
         if name not in config:
             raise ValueError(f"--phase generate-unet: the config has no {name} section (use a generation config "
                              "such as configs/full/sdxl_generate_aot.py)")
     b = batch_size(config, mesh)
     sample = config.get("sample", ml_collections.ConfigDict())
-    scale = float(sample.get("guidance_scale", 5.0))
+    scale = float(sample.get("guidance", 5.0))
     cond_scale = float(sample.get("conditioning_scale", 1.0))
-    plan = DDIMConfig.from_hf_config(config_dict(config.scheduler)).set_timesteps(
-        int(sample.get("num_inference_steps", 50)))
+    plan = SCHEDULERS[sample.get("scheduler", "DPMSolverMultistepScheduler")].from_hf_config(
+        config_dict(config.scheduler)).set_timesteps(int(sample.get("flux_steps", 50)))
     mar = mar_step(config, mesh, b)
     mcfg = mar.config
 

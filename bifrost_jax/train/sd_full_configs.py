@@ -88,13 +88,15 @@ def full_sd_generate(name: str) -> ml_collections.ConfigDict:
     _, _, _, resolution = _family(name)
     c = add_sd_family(ml_collections.ConfigDict(), name)
     c.phase = "generate-unet"
+    c.decoder = "unet"
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1))
     c.generate_batch = 0  # 0: one image per batch shard (data * fsdp)
     c.mllm = section(dict(text=QWEN_VL_7B_TEXT, num_image_tokens=256, image_grid=(16, 16)), base_dir="",
                      max_prompt_length=300, **_BIG)
     c.controlnet = unet_controlnet_section(**_BIG)
     c.data = ml_collections.ConfigDict(dict(vae_resolution=resolution))
-    # text CFG of the UNet family (SDXL's pipeline default 5.0), no MLLM-side CFG (docs/design.md §8.2)
-    c.sample = ml_collections.ConfigDict(dict(mllm_cfg=1.0, guidance_scale=5.0, conditioning_scale=0.7,
-                                              num_inference_steps=50))
+    # SamplingOptions as the pipeline reads them with decoder=unet: text CFG 5.0 (SDXL's pipeline default) over 50
+    # DDIM steps; no MLLM-side CFG (docs/design.md §8.2)
+    c.sample = ml_collections.ConfigDict(dict(mllm_cfg=1.0, guidance=5.0, conditioning_scale=0.7, flux_steps=50,
+                                              scheduler="DDIMScheduler"))
     return c
