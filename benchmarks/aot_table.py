@@ -12,6 +12,7 @@ it): per-chip state = (frozen weights + trainable weights, Adam moments and grad
 
     # the memory estimate (main venv, abstract shapes only)
     .venv/bin/python benchmarks/aot_table.py --estimate
+    .venv/bin/python benchmarks/aot_table.py --estimate --phases sdxl_controlnet,sd15_controlnet
     # the compiles (in a venv with the .[tpu] extra, i.e. libtpu), then the markdown table
     PYTHONPATH=. python benchmarks/aot_table.py --run --out out/aot --markdown out/aot/table.md
     PYTHONPATH=. python benchmarks/aot_table.py --run --only mllm-v5p64-fsdp-b512-dots --out /tmp/M_aot
@@ -385,6 +386,8 @@ def commands(candidates, out_dir: str) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--estimate", action="store_true", help="print the memory estimate from parameter counts")
+    p.add_argument("--phases", default="mllm,controlnet",
+                   help="configs/full/<name>.py files of --estimate (e.g. sdxl_controlnet,sd15_controlnet)")
     p.add_argument("--run", action="store_true", help="compile the candidates not compiled yet, in sequence")
     p.add_argument("--table", action="store_true", help="print the table of the results in --out")
     p.add_argument("--commands", action="store_true", help="print the exact bifrost aot commands")
@@ -399,7 +402,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"unknown candidate in --only={args.only}; known: {known}")
     os.makedirs(args.out, exist_ok=True)
     if args.estimate:
-        print(estimate())
+        print(estimate(tuple(args.phases.split(","))))
     if args.commands:
         print(commands(chosen, args.out))
     if args.run:

@@ -15,6 +15,8 @@ by name is a registry (``targets.py``): ``register_aot_target(name, builder)`` w
 * ``flux-forward``: the FLUX transformer's loss forward + backward (``configs/flux_aot.py``), proving the path
   on the largest model without any training code;
 * ``generate``: one MAR step and one FLUX + ControlNet Euler step of the pipeline (``generate.py``).
+* ``generate-unet``: the same with a UNet decoder: one MAR step and one guided UNet + latent ControlNet
+  sampling step (``generate_unet.py``; ``configs/full/sdxl_generate_aot.py``, ``sd15_generate_aot.py``).
 
 Topologies (``topology.py``): TPU names as libtpu takes them ("v5p:2x2x1", "v5e:4x4", "v6e:8x8", "v4:4x4x4";
 multislice with ``--num-slices``), which needs libtpu (``pip install -e '.[tpu]'``); "cpu" / "cpu:N" (this host's

@@ -18,7 +18,9 @@ Listed in ``bifrost_jax/aot/targets.py`` as ``"generate"``.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -45,24 +47,35 @@ def _sds(mesh: Mesh, shape, dtype, logical):
     return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding), sharding
 
 
-def generate_target(config: ml_collections.ConfigDict, mesh: Mesh):
-    """(jitted step, abstract args) of one MAR decode step + one FLUX/ControlNet Euler step."""
-
-    for name in ("mllm", "flux", "controlnet"):
-        if name not in config:
-            raise ValueError(f"--phase generate: the config has no {name} section (use a generation config such as "
-                             "configs/full/generate_aot.py or configs/generate_tiny.py)")
+def batch_size(config: ml_collections.ConfigDict, mesh: Mesh) -> int:
+    """``config.generate_batch`` images per step (0: one per batch shard), checked against the mesh."""
     rows = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
     b = int(config.get("generate_batch", 0) or rows)
     if b % rows:
         raise ValueError(f"generate_batch={b} does not shard over data*fsdp={rows} devices of this mesh")
-    sample = config.get("sample", ml_collections.ConfigDict())
-    guided = float(sample.get("mllm_cfg", 1.0)) != 1.0
-    cfg_weight = float(sample.get("mllm_cfg", 1.0))
-    guidance = float(sample.get("guidance", 3.5))
-    cond_scale = float(sample.get("conditioning_scale", 1.0))
+    return b
 
-    # ---- MLLM: one decode step against the cached prefix (the components generation builds) -----------------------
+
+@dataclasses.dataclass
+class MarStep:
+    """One MAR decode step of the MLLM against a cached text prefix, as the body of ``sample.mar._mar_decode``:
+    ``fn(mllm_vars, k, v, attention_mask, tokens, masked) -> new tokens`` with its abstract arguments, their
+    shardings, the analytic FLOPs part and a description."""
+    fn: Callable
+    args: tuple
+    shardings: tuple
+    tokens_sharding: Any
+    analytic: F.Part
+    description: str
+    config: Any
+    weight_dtype: str
+
+
+def mar_step(config: ml_collections.ConfigDict, mesh: Mesh, b: int) -> MarStep:
+    """The MAR decode step of ``config.mllm`` for ``b`` images (2b rows when ``sample.mllm_cfg != 1``)."""
+    sample = config.get("sample", ml_collections.ConfigDict())
+    cfg_weight = float(sample.get("mllm_cfg", 1.0))
+    guided = cfg_weight != 1.0
     mllm_comp = mllm_component(config.mllm)
     mcfg, mllm = mllm_comp.config, mllm_comp.module
     dtype = mllm.dtype
@@ -78,9 +91,49 @@ def generate_target(config: ml_collections.ConfigDict, mesh: Mesh):
     tok_arg, tok_sh = _sds(mesh, (b, n, cdim), jnp.float32, ("batch", None, None))
     msk_arg, msk_sh = _sds(mesh, (b, n), jnp.bool_, ("batch", None))
 
+    def fn(mllm_vars, k, v, attention_mask, tokens, masked):
+        cache = {"k": k, "v": v, "attention_mask": attention_mask}
+        if guided:
+            pred = mllm.apply(mllm_vars, cache, jnp.concatenate([tokens, tokens]),
+                              jnp.concatenate([masked, masked]), method=mllm.decode_images).astype(jnp.float32)
+            uncond, cond_pred = jnp.split(pred, 2, axis=0)
+            pred = uncond + cfg_weight * (cond_pred - uncond)
+        else:
+            pred = mllm.apply(mllm_vars, cache, tokens, masked, method=mllm.decode_images).astype(jnp.float32)
+        return jnp.where(masked[..., None], pred, tokens)
+
+    # the branch rows of the MAR step (text K/V cached), forward
+    analytic = F.Part("mllm generation branch (decode step)", F.qwen_branch_rows(mcfg, rows_mar, t), "forward")
+    desc = (f"one MAR decode step ({rows_mar} rows x {n} slots vs a {t}-token prefix, "
+            f"{count_params(mllm_vars['params']) / 1e9:.2f}B params)")
+    return MarStep(fn=fn, args=(mllm_vars, k_arg, v_arg, am_arg, tok_arg, msk_arg),
+                   shardings=(mllm_sh, k_sh, v_sh, am_sh, tok_sh, msk_sh), tokens_sharding=tok_sh,
+                   analytic=analytic, description=desc, config=mcfg,
+                   weight_dtype=jnp.dtype(mllm.param_dtype).name)
+
+
+def count_params(tree) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+
+
+def generate_target(config: ml_collections.ConfigDict, mesh: Mesh):
+    """(jitted step, abstract args) of one MAR decode step + one FLUX/ControlNet Euler step."""
+
+    for name in ("mllm", "flux", "controlnet"):
+        if name not in config:
+            raise ValueError(f"--phase generate: the config has no {name} section (use a generation config such as "
+                             "configs/full/generate_aot.py or configs/generate_tiny.py)")
+    b = batch_size(config, mesh)
+    sample = config.get("sample", ml_collections.ConfigDict())
+    guidance = float(sample.get("guidance", 3.5))
+    cond_scale = float(sample.get("conditioning_scale", 1.0))
+    mar = mar_step(config, mesh, b)
+    mcfg = mar.config
+    dtype = mar.args[1].dtype
+
     # ---- FLUX + latent ControlNet: one Euler step ----------------------------------------------------------------
     flux_comp = flux_component(config.flux, trainable=False)
-    cn_comp = latent_controlnet_component(config.controlnet, flux_comp, cdim, tuple(mcfg.image_grid))
+    cn_comp = latent_controlnet_component(config.controlnet, flux_comp, mcfg.clip_dim, tuple(mcfg.image_grid))
     flux, cn = flux_comp.module, cn_comp.module
     fcfg, ccfg = flux.config, cn.config
     flux_vars, flux_sh = _abstract_variables(flux_comp.init, mesh)
@@ -98,37 +151,26 @@ def generate_target(config: ml_collections.ConfigDict, mesh: Mesh):
 
     def step(mllm_vars, k, v, attention_mask, tokens, masked, flux_vars, cn_vars, x, cond, prompt_embeds, pooled,
              sigmas):
-        cache = {"k": k, "v": v, "attention_mask": attention_mask}
-        if guided:
-            pred = mllm.apply(mllm_vars, cache, jnp.concatenate([tokens, tokens]),
-                              jnp.concatenate([masked, masked]), method=mllm.decode_images).astype(jnp.float32)
-            uncond, cond_pred = jnp.split(pred, 2, axis=0)
-            pred = uncond + cfg_weight * (cond_pred - uncond)
-        else:
-            pred = mllm.apply(mllm_vars, cache, tokens, masked, method=mllm.decode_images).astype(jnp.float32)
-        new_tokens = jnp.where(masked[..., None], pred, tokens)
+        new_tokens = mar.fn(mllm_vars, k, v, attention_mask, tokens, masked)
         txt_ids = jnp.zeros((prompt_embeds.shape[1], n_axes), jnp.float32)
         velocity = flux_velocity_fn(flux, cn, flux_vars, cn_vars, cond, prompt_embeds, pooled, img_ids, txt_ids,
                                     guidance, cond_scale)
         vel = velocity(x, sigmas[0]).astype(jnp.float32)
         return new_tokens, x + (sigmas[1] - sigmas[0]) * vel
 
-    args = (mllm_vars, k_arg, v_arg, am_arg, tok_arg, msk_arg, flux_vars, cn_vars, x_arg, cond_arg, pe_arg, po_arg,
-            sig_arg)
-    in_sh = (mllm_sh, k_sh, v_sh, am_sh, tok_sh, msk_sh, flux_sh, cn_sh, x_sh, cond_sh, pe_sh, po_sh, sig_sh)
+    args = mar.args + (flux_vars, cn_vars, x_arg, cond_arg, pe_arg, po_arg, sig_arg)
+    in_sh = mar.shardings + (flux_sh, cn_sh, x_sh, cond_sh, pe_sh, po_sh, sig_sh)
 
     # compile_jitted traces under axis_rules(mesh) (the logical constraints of the models resolve there)
-    fn = jax.jit(step, in_shardings=in_sh, out_shardings=(tok_sh, x_sh))
-    count = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))  # noqa: E731
-    desc = (f"generate: one MAR decode step ({rows_mar} rows x {n} slots vs a {t}-token prefix, "
-            f"{count(mllm_vars['params']) / 1e9:.2f}B params) + one FLUX+ControlNet Euler step (batch {b}, "
-            f"{img_len} image + {txt_len} text tokens, {count(flux_vars) / 1e9:.2f}B + {count(cn_vars) / 1e9:.2f}B "
-            f"params), {jnp.dtype(mllm.param_dtype).name} weights")
+    fn = jax.jit(step, in_shardings=in_sh, out_shardings=(mar.tokens_sharding, x_sh))
+    desc = (f"generate: {mar.description} + one FLUX+ControlNet Euler step (batch {b}, "
+            f"{img_len} image + {txt_len} text tokens, {count_params(flux_vars) / 1e9:.2f}B + "
+            f"{count_params(cn_vars) / 1e9:.2f}B params), {mar.weight_dtype} weights")
 
-    # analytic: the branch rows of the MAR step (text K/V cached) + FLUX and the ControlNet without its condition
-    # embedding (precomputed once per image); all forward
+    # analytic: the MAR step + FLUX and the ControlNet without its condition embedding (precomputed once per
+    # image); all forward
     analytic = F.FlopsBreakdown((
-        F.Part("mllm generation branch (decode step)", F.qwen_branch_rows(mcfg, rows_mar, t), "forward"),
+        mar.analytic,
         *F.controlnet_parts(ccfg, b, img_len, txt_len, mode="forward", condition=False),
         F.Part("flux transformer", F.flux_transformer(fcfg, b, img_len, txt_len), "forward")),
         f"generate: one MAR step + one Euler step, batch {b}")

@@ -1,4 +1,5 @@
-"""What ``bifrost aot`` compiles by name: every training phase's train step, ``flux-forward`` and ``generate``."""
+"""What ``bifrost aot`` compiles by name: every training phase's train step, ``flux-forward``, ``generate`` and
+``generate-unet``."""
 from __future__ import annotations
 
 import math
@@ -11,6 +12,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from bifrost_jax.aot.compile import add_analytic, compile_jitted, make_topology_mesh
 from bifrost_jax.aot.generate import generate_target
+from bifrost_jax.aot.generate_unet import generate_unet_target
 from bifrost_jax.aot.text_decode import text_decode_target
 from bifrost_jax.aot.report import AotReport, AotTarget
 from bifrost_jax.models import flops as flops_lib
@@ -23,7 +25,8 @@ from bifrost_jax.train.state import StateBuilder, jit_train_step, make_optimizer
 AotBuilder = Callable[[ml_collections.ConfigDict, Mesh], Any]
 
 # name -> builder (the training phases are compiled by their names too: ``train_step_target``)
-AOT_TARGETS: dict[str, AotBuilder] = {"generate": generate_target, "text-decode": text_decode_target}
+AOT_TARGETS: dict[str, AotBuilder] = {"generate": generate_target, "generate-unet": generate_unet_target,
+                                      "text-decode": text_decode_target}
 
 
 def register_aot_target(name: str, builder: AotBuilder) -> None:

@@ -24,6 +24,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from bifrost_jax.nn.attention import dot_product_attention
+from bifrost_jax.nn.conv import conv2d
 from bifrost_jax.nn.layers import Dense, GroupNorm, activation, param_with_axes
 from bifrost_jax.nn.stack import maybe_remat
 
@@ -58,9 +59,7 @@ class Conv2d(nn.Module):
         k = self.kernel_size
         kernel = param_with_axes(self, "kernel", self.kernel_init, (k, k, x.shape[-1], self.features),
                                  self.param_dtype, self.kernel_axes)
-        y = jax.lax.conv_general_dilated(x.astype(self.dtype), kernel.astype(self.dtype),
-                                         window_strides=(self.stride, self.stride), padding=_pairs(self.padding),
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, _pairs(self.padding))
         if self.use_bias:
             bias = param_with_axes(self, "bias", nn.initializers.zeros, (self.features,), self.param_dtype,
                                    (self.kernel_axes[-1],))
