@@ -70,6 +70,9 @@ def get_config():
         c.phases[name] = ml_collections.ConfigDict(dict(steps=steps, batch_size=batch, lr=lr, warmup_steps=50))
     # the unconditional prompt "" (MLLM classifier-free guidance, generate.mllm_cfg > 1) must be seen in training
     c.phases.mllm.text_dropout = 0.1
+    # the controlnet and mllm phases read the frozen ViT's latents from a cache built once per run
+    # (WORKDIR/demo/clip_latents.npy) instead of running the ViT every step
+    c.cache_clip_latents = True
     c.log_every = 50
     c.fast_fraction = 0.2           # --fast: this fraction of every phase's steps (a quick look, not the numbers)
 
