@@ -165,7 +165,8 @@ def _fingerprint(config) -> dict:
     """The phase config minus the paths derived from the workdir (a moved workdir stays reusable)."""
     d = json.loads(config.to_json())
     d.get("data", {}).pop("data_dir", None)
-    d.get("data", {}).pop("precomputed_clip_latents", None)  # the cache holds what the ViT would compute
+    if d.get("data", {}).get("precomputed_clip_latents"):
+        d["data"]["precomputed_clip_latents"] = ""  # the cache holds what the ViT computes on the fly
     for section in d.values():
         if isinstance(section, dict):
             section.pop("init_from", None)

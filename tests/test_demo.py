@@ -103,6 +103,21 @@ def test_first_run_trains_every_phase_and_reports(first_run):
     assert "chance" in summary and report["grid"] in summary and "RANDOM init" in summary
 
 
+def test_controlnet_and_mllm_trained_on_the_cached_vit_latents(first_run):
+    """The demo builds the frozen ViT's latent cache once and both phases that need those latents read it."""
+    cache = demo.clip_cache_path(first_run)
+    latents = np.load(cache)
+    with open(cache + ".json") as fh:
+        side = json.load(fh)
+    assert latents.shape == (32, 16, 64) and side["shape"] == [32, 16, 64]  # train_size 32, 4x4 grid, width 64
+    assert np.all(np.isfinite(latents)) and np.abs(latents).sum(axis=(1, 2)).min() > 0  # no zero (corrupt) row
+    configs = demo.phase_configs(demo.load_demo_config(SMOKE[2:]), first_run, fast=True)
+    for name in ("controlnet", "mllm"):
+        assert configs[name].data.precomputed_clip_latents == cache
+        with open(os.path.join(first_run, name, "demo_phase_config.json")) as fh:
+            assert json.load(fh) == demo._fingerprint(configs[name])  # the run that trained used this config
+
+
 def test_no_library_warnings_on_the_console(first_run_logs):
     """The demo's console shows its own lines: restoring the phase checkpoints logs no Orbax (absl) warning."""
     _, records = first_run_logs
@@ -184,3 +199,11 @@ def test_phase_configs_align_the_grids():
     assert configs["controlnet"].flux.init_from.endswith(os.path.join("flux", "checkpoints"))
     assert configs["flux"].vae.init_from.endswith(os.path.join("vae", "checkpoints"))
 
+
+
+def test_the_latent_cache_does_not_change_a_phase_fingerprint():
+    """A workdir trained with the ViT on the fly stays reusable with the cache (same latents) and vice versa."""
+    on = demo.phase_configs(demo.load_demo_config([]), "/nonexistent-demo-workdir")
+    off = demo.phase_configs(demo.load_demo_config(["--config.cache_clip_latents=False"]), "/nonexistent-demo-workdir")
+    assert on["mllm"].data.precomputed_clip_latents and not off["mllm"].data.precomputed_clip_latents
+    assert all(demo._fingerprint(on[n]) == demo._fingerprint(off[n]) for n in demo.PHASE_ORDER)
