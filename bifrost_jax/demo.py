@@ -6,14 +6,17 @@
    order ``vae -> flux -> controlnet -> mllm``, each through the generic loop (``train.loop.train``) with the
    config of ``configs/<phase>.py`` overridden by the ONE demo config (``configs/demo.py``: shared model sizes,
    per-phase steps / batch / lr). A phase whose final checkpoint exists is reused, not retrained; an interrupted
-   one resumes. ``--force PHASE`` retrains it and every phase that depends on it.
+   one resumes. ``--force PHASE`` retrains it and every phase that depends on it. The ``controlnet`` and ``mllm``
+   phases read the frozen ViT's latents from ``WORKDIR/demo/clip_latents.npy`` (``config.cache_clip_latents``),
+   built with ``bifrost cache-latents``' code before the first of them trains in a run.
 2. Builds the Bifrost pipeline from the checkpoints (the frozen random T5 / CLIP / ViT / language model are
    rebuilt from the same fixed keys the phases used: checkpoints hold only trained weights) and generates one image
    per held-out prompt (shapes ``test`` split: every prompt holds a colour-shape pair never seen in training).
 3. Scores the images with the pixel-level shapes checker, beside the chance levels, and for reference scores
    FLUX alone (text only, ControlNet off), reconstruction (GT image -> ViT latents -> ControlNet + FLUX) and the
    ground-truth images at the same resolution (the checker's ceiling).
-4. Writes ``WORKDIR/demo/grid.png`` (rows: prompts; columns: ground truth, Bifrost, FLUX alone, reconstruction),
+4. Writes ``WORKDIR/demo/grid.png`` (rows: prompts, each written beside its row; columns, named in a header line:
+   ground truth, Bifrost, FLUX alone, reconstruction),
    ``WORKDIR/demo/report.json`` and ``WORKDIR/demo/summary.txt``, and prints the summary.
 """
 from __future__ import annotations
