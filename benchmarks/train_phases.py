@@ -41,6 +41,10 @@ def _parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tiny", action="store_true", help="time the tiny phases")
     p.add_argument("--full", action="store_true", help="memory of the full-size phases (abstract state)")
+    p.add_argument("--demo", action="store_true",
+                   help="time the phases at the embedded default's sizes (configs/demo.py, its mesh; random init)")
+    p.add_argument("--demo-override", action="append", default=[],
+                   help="demo config override KEY=VALUE (e.g. phases.vae.batch_size=16; repeatable)")
     p.add_argument("--phases", default="", help="comma-separated subset (default: all of the chosen table)")
     p.add_argument("--devices", type=int, default=8, help="simulated CPU devices (set before importing jax)")
     p.add_argument("--warmup", type=int, default=2)
@@ -90,15 +94,31 @@ def synthetic_batch(phase, batch_size: int, seed: int = 0) -> dict[str, np.ndarr
     return out
 
 
+def demo_phase_config(name: str, args):
+    """The phase config ``bifrost demo`` trains (``demo.phase_configs``), with its ``init_from`` sources dropped:
+    the step costs the same from random weights."""
+    from bifrost_jax import demo
+
+    cfg = demo.load_demo_config([f"--config.{o}" for o in args.demo_override])
+    config = demo.phase_configs(cfg, os.path.join(ROOT, "runs", "bench_demo"))[name]
+    for section in config.values():
+        if isinstance(section, dict) and "init_from" in section:
+            with section.unlocked():
+                section["init_from"] = ""
+    return config
+
+
 def time_tiny_phase(name: str, args) -> dict:
-    """Build, initialise and time the real jitted train step of ``configs/<name>.py``."""
+    """Build, initialise and time the real jitted train step of ``configs/<name>.py`` (or of the demo's phase).
+    Besides wall time, the process CPU time per step (``time.process_time``: all threads) is reported: on a shared
+    machine it moves less with the load than wall time."""
     from bifrost_jax.parallel.multislice import mesh_from_config
     from bifrost_jax.parallel.rules import axis_rules
     from bifrost_jax.train.registry import get_phase
     from bifrost_jax.train.state import StateBuilder, global_batch, jit_train_step, make_optimizer, make_train_step
     import bifrost_jax.train.phase_configs  # noqa: F401  (registers the real phases)
 
-    config = load_config(f"configs/{name}.py", args.override)
+    config = demo_phase_config(name, args) if args.demo else load_config(f"configs/{name}.py", args.override)
     mesh = mesh_from_config(dict(config.mesh), jax.devices())
     phase = get_phase(config)
     batch_size, accum = int(config.train.batch_size), int(config.train.grad_accum_steps)
@@ -112,7 +132,7 @@ def time_tiny_phase(name: str, args) -> dict:
     abstract = builder.abstract_batch(batch_size)
     batches = [global_batch(synthetic_batch(phase, batch_size, seed=i), abstract) for i in range(2)]
     init_s = time.perf_counter() - t0
-    times = []
+    times, cpu = [], []
     with axis_rules(mesh):
         t0 = time.perf_counter()
         state, metrics = step(state, frozen, batches[0])
@@ -122,10 +142,11 @@ def time_tiny_phase(name: str, args) -> dict:
             state, metrics = step(state, frozen, batches[i % 2])
         jax.block_until_ready(state)
         for i in range(args.steps):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             state, metrics = step(state, frozen, batches[i % 2])
             jax.block_until_ready((state, metrics))
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
     loss = float(metrics["loss"])
     if not np.isfinite(loss):
         raise RuntimeError(f"phase {name}: non-finite loss {loss}")
@@ -134,7 +155,8 @@ def time_tiny_phase(name: str, args) -> dict:
     med = float(np.median(times))
     return dict(phase=name, batch=batch_size, accum=accum, mesh=dict(mesh.shape), trainable=n_train,
                 frozen=n_frozen, init_s=init_s, first_step_s=first_s, median_s=med, min_s=float(np.min(times)),
-                steps_per_s=1.0 / med, examples_per_s=batch_size / med, loss=loss)
+                steps_per_s=1.0 / med, examples_per_s=batch_size / med, loss=loss,
+                cpu_s=float(np.median(cpu)))
 
 
 def full_phase_memory(name: str, args) -> dict:
@@ -156,13 +178,13 @@ def _gib(n) -> str:
 
 def tiny_table(rows) -> str:
     out = ["| phase | mesh | global batch | trainable / frozen params | first step (compile) s | "
-           "median step s (min) | steps/s | examples/s | loss |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "median step s (min) | steps/s | examples/s | CPU s/step | loss |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mesh = "x".join(f"{k}{v}" for k, v in r["mesh"].items() if v > 1) or "1"
         out.append(f"| {r['phase']} | {mesh} | {r['batch']} | {r['trainable'] / 1e3:.1f}k / {r['frozen'] / 1e3:.1f}k "
                    f"| {r['first_step_s']:.1f} | {r['median_s']:.3f} ({r['min_s']:.3f}) | {r['steps_per_s']:.2f} | "
-                   f"{r['examples_per_s']:.1f} | {r['loss']:.4f} |")
+                   f"{r['examples_per_s']:.1f} | {r['cpu_s']:.3f} | {r['loss']:.4f} |")
     return "\n".join(out)
 
 
@@ -184,8 +206,10 @@ def full_table(rows) -> str:
 
 
 def main(args) -> int:
+    if args.demo:
+        args.tiny = True
     if not (args.tiny or args.full):
-        print("choose --tiny and/or --full", file=sys.stderr)
+        print("choose --tiny, --demo and/or --full", file=sys.stderr)
         return 2
     header = (f"Machine: {platform.machine()} CPU, {os.cpu_count()} cores, jax {jax.__version__}, "
               f"{len(jax.devices())} simulated CPU devices, load average {os.getloadavg()[0]:.1f} at the start")

@@ -6,14 +6,17 @@
    order ``vae -> flux -> controlnet -> mllm``, each through the generic loop (``train.loop.train``) with the
    config of ``configs/<phase>.py`` overridden by the ONE demo config (``configs/demo.py``: shared model sizes,
    per-phase steps / batch / lr). A phase whose final checkpoint exists is reused, not retrained; an interrupted
-   one resumes. ``--force PHASE`` retrains it and every phase that depends on it.
+   one resumes. ``--force PHASE`` retrains it and every phase that depends on it. The ``controlnet`` and ``mllm``
+   phases read the frozen ViT's latents from ``WORKDIR/demo/clip_latents.npy`` (``config.cache_clip_latents``),
+   built with ``bifrost cache-latents``' code before the first of them trains in a run.
 2. Builds the Bifrost pipeline from the checkpoints (the frozen random T5 / CLIP / ViT / language model are
    rebuilt from the same fixed keys the phases used: checkpoints hold only trained weights) and generates one image
    per held-out prompt (shapes ``test`` split: every prompt holds a colour-shape pair never seen in training).
 3. Scores the images with the pixel-level shapes checker, beside the chance levels, and for reference scores
    FLUX alone (text only, ControlNet off), reconstruction (GT image -> ViT latents -> ControlNet + FLUX) and the
    ground-truth images at the same resolution (the checker's ceiling).
-4. Writes ``WORKDIR/demo/grid.png`` (rows: prompts; columns: ground truth, Bifrost, FLUX alone, reconstruction),
+4. Writes ``WORKDIR/demo/grid.png`` (rows: prompts, each written beside its row; columns, named in a header line:
+   ground truth, Bifrost, FLUX alone, reconstruction),
    ``WORKDIR/demo/report.json`` and ``WORKDIR/demo/summary.txt``, and prints the summary.
 """
 from __future__ import annotations
@@ -39,7 +42,8 @@ from bifrost_jax.data.shapes import ShapesOptions, parse_caption
 from bifrost_jax.eval.run import shapes_examples
 from bifrost_jax.eval.shapes_checker import evaluate
 from bifrost_jax.sample.pipeline import BifrostPipeline, SamplingOptions
-from bifrost_jax.sample.images import make_grid, save_png
+from bifrost_jax.sample.images import make_labelled_grid, save_png
+from bifrost_jax.train.cache_latents import build_clip_cache
 from bifrost_jax.train.loop import train
 from bifrost_jax.train.export import pipeline_from_workdir
 
@@ -147,7 +151,31 @@ def phase_configs(demo, workdir: str, *, fast: bool = False) -> dict[str, Any]:
             _set(c, "mllm.config.num_image_tokens", g * g)
             _set(c, "mllm.config.image_grid", (g, g))
         out[name] = c
+    if demo.get("cache_clip_latents", False):
+        use_clip_cache(out, workdir)
     return out
+
+
+def clip_cache_path(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), "demo", "clip_latents.npy")
+
+
+def use_clip_cache(configs: dict, workdir: str) -> None:
+    """The ``controlnet`` and ``mllm`` phases read the frozen ViT's latents (centre crops: the same tensor every
+    epoch) from one cache under the workdir instead of running the ViT every step (``run_phases`` builds it)."""
+    for name in ("controlnet", "mllm"):
+        _set(configs[name], "data.precomputed_clip_latents", clip_cache_path(workdir))
+
+
+def build_demo_clip_cache(config) -> None:
+    """(Re)build the CLIP-latent cache of ``config`` (a phase config that reads it) with ``bifrost cache-latents``'
+    code. Run once per demo run before the first phase that trains on it, so it always comes from the ViT weights
+    of this run's configs (a retrained vision tower never meets a stale cache)."""
+    path = config.data.precomputed_clip_latents
+    _log(f"caching the frozen ViT's latents of the training images in {path}")
+    t0 = time.perf_counter()
+    build_clip_cache(config, path, batch_size=int(config.train.batch_size), log_every=0)
+    _log(f"cache built in {time.perf_counter() - t0:.0f} s")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -165,6 +193,8 @@ def _fingerprint(config) -> dict:
     """The phase config minus the paths derived from the workdir (a moved workdir stays reusable)."""
     d = json.loads(config.to_json())
     d.get("data", {}).pop("data_dir", None)
+    if d.get("data", {}).get("precomputed_clip_latents"):
+        d["data"]["precomputed_clip_latents"] = ""  # the cache holds what the ViT computes on the fly
     for section in d.values():
         if isinstance(section, dict):
             section.pop("init_from", None)
@@ -191,6 +221,7 @@ def run_phases(configs: dict, workdir: str, *, force: Sequence[str] = (), progre
     records_path = os.path.join(os.path.abspath(workdir), "demo", "phases.json")
     records = _read_json(records_path, {})
     out = {}
+    cache_built = False
     for name, config in configs.items():
         phase_dir = os.path.join(os.path.abspath(workdir), name)
         stamp = os.path.join(phase_dir, "demo_phase_config.json")
@@ -209,6 +240,9 @@ def run_phases(configs: dict, workdir: str, *, force: Sequence[str] = (), progre
             out[name] = {"status": "reused", "seconds": 0.0, "steps": done,
                          "trained_seconds": prev.get("seconds"), "last_metrics": prev.get("last_metrics", {})}
             continue
+        if config.data.get("precomputed_clip_latents") and not cache_built:
+            build_demo_clip_cache(config)
+            cache_built = True
         os.makedirs(phase_dir, exist_ok=True)
         with open(stamp, "w") as fh:
             json.dump(_fingerprint(config), fh, indent=1)
@@ -339,6 +373,26 @@ def _upscale(images: np.ndarray, factor: int) -> np.ndarray:
     return images.repeat(factor, axis=1).repeat(factor, axis=2) if factor > 1 else images
 
 
+GRID_COLUMNS = {"ground_truth": "ground truth", "bifrost": "Bifrost", "flux_alone": "FLUX alone",
+                "reconstruction": "reconstruction"}
+
+
+def write_grid(out_dir: str, held: HeldOut, variants: dict, rows: int) -> str:
+    """``out_dir/grid.png``: one row per held-out prompt (the prompt written to its left), one column per variant
+    (named in a header line), cells upscaled to about 96 px; the row prompts also go to ``grid_prompts.txt``."""
+    names = ["ground_truth"] + [k for k in ("bifrost", "flux_alone", "reconstruction") if k in variants]
+    cols = [held.gt[:rows]] + [variants[k][:rows] for k in names[1:]]
+    cells = np.stack(cols, axis=1).reshape((-1,) + held.gt.shape[1:])
+    grid_path = os.path.join(out_dir, "grid.png")
+    grid = make_labelled_grid(_upscale(cells, max(1, 96 // held.gt.shape[1])), [GRID_COLUMNS[k] for k in names],
+                              held.captions[:rows])
+    save_png(grid_path, grid)
+    with open(os.path.join(out_dir, "grid_prompts.txt"), "w") as fh:
+        fh.write("columns: " + ", ".join(GRID_COLUMNS[k] for k in names) + "\n")
+        fh.writelines(f"row {i}: {c}\n" for i, c in enumerate(held.captions[:rows]))
+    return grid_path
+
+
 def evaluate_demo(demo, configs: dict, workdir: str, *, num_prompts: int | None = None) -> dict:
     """Generate for held-out prompts, score every variant, write the grid; returns the report dict."""
 
@@ -375,16 +429,7 @@ def evaluate_demo(demo, configs: dict, workdir: str, *, num_prompts: int | None 
         reports["reconstruction"] = score(variants["reconstruction"], held.specs)
     reports["ground_truth"] = score(held.gt, held.specs)
 
-    rows = min(int(g.grid_prompts), n)
-    cols = [held.gt[:rows]] + [variants[k][:rows] for k in ("bifrost", "flux_alone", "reconstruction")
-                               if k in variants]
-    cells = np.stack(cols, axis=1).reshape((-1,) + held.gt.shape[1:])
-    grid_path = os.path.join(out_dir, "grid.png")
-    save_png(grid_path, make_grid(_upscale(cells, max(1, 96 // res)), cols=len(cols)))
-    with open(os.path.join(out_dir, "grid_prompts.txt"), "w") as fh:
-        fh.write("columns: " + ", ".join(["ground truth", "bifrost"] + [k for k in ("flux_alone", "reconstruction")
-                                                                        if k in variants]) + "\n")
-        fh.writelines(f"row {i}: {c}\n" for i, c in enumerate(held.captions[:rows]))
+    grid_path = write_grid(out_dir, held, variants, min(int(g.grid_prompts), n))
     for name, ims in variants.items():
         np.save(os.path.join(out_dir, f"images_{name}.npy"), ims)
     return {
@@ -441,7 +486,7 @@ def format_summary(report: dict, phases: dict, workdir: str, *, total_seconds: f
     if ev.get("data_layout"):
         lines.append(f"  Shapes data layout: {ev['data_layout']} (configs/demo.py says why).")
     lines.append("outputs:")
-    lines.append(f"  grid        {ev['grid']}  (rows: {os.path.join(w, 'demo', 'grid_prompts.txt')})")
+    lines.append(f"  grid        {ev['grid']}  (each row's prompt and each column's name written on it)")
     lines.append(f"  report      {os.path.join(w, 'demo', 'report.json')}")
     lines.append(f"  data        {os.path.join(w, 'data', 'shapes')}")
     lines.append(f"  logs        {w}/<phase>/metrics.jsonl")

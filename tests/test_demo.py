@@ -5,6 +5,7 @@ and its dependents, and a changed config is refused instead of silently mixing c
 Numbers here mean nothing (2 steps); the demo's real scores are in its summary / benchmarks/RESULTS.md.
 """
 import json
+import logging
 import os
 
 import numpy as np
@@ -38,11 +39,31 @@ def _metrics_lines(workdir, name):
         return fh.read().splitlines()
 
 
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
 @pytest.fixture(scope="module")
-def first_run(tmp_path_factory):
+def first_run_logs(tmp_path_factory):
+    """The first smoke run, and the WARNING+ log records it emitted (library warnings reach the console)."""
     workdir = str(tmp_path_factory.mktemp("demo") / "run")
-    assert demo.main(["--workdir", workdir] + SMOKE) == 0
-    return workdir
+    handler = _Records()
+    logging.getLogger().addHandler(handler)
+    try:
+        assert demo.main(["--workdir", workdir] + SMOKE) == 0
+    finally:
+        logging.getLogger().removeHandler(handler)
+    return workdir, handler.records
+
+
+@pytest.fixture(scope="module")
+def first_run(first_run_logs):
+    return first_run_logs[0]
 
 
 def test_first_run_trains_every_phase_and_reports(first_run):
@@ -67,14 +88,40 @@ def test_first_run_trains_every_phase_and_reports(first_run):
         if images is not None:
             assert images.shape == (2, h, wd, 3) and images.dtype == np.uint8
     assert report["scores"]["ground_truth"]["accuracy"]["color"] == 1.0
-    # the grid: 2 prompt rows x 4 columns (GT, Bifrost, FLUX alone, reconstruction), upscaled cells
+    # the grid: 2 prompt rows x 4 columns (GT, Bifrost, FLUX alone, reconstruction), upscaled cells, a header
+    # line naming the columns above them and each row's prompt written to their left (tests/test_images.py)
     grid = np.asarray(Image.open(report["grid"]))
     cell = h * max(1, 96 // h)
-    assert grid.shape == (2 * cell + 2, 4 * cell + 3 * 2, 3)
+    plain_h, plain_w = 2 * cell + 2, 4 * cell + 3 * 2
+    assert grid.shape[0] > plain_h and grid.shape[1] > plain_w
+    ink = np.all(grid < 64, axis=-1)
+    assert ink[:grid.shape[0] - plain_h, -plain_w:].sum() > 40  # column headers
+    assert ink[-plain_h:, :grid.shape[1] - plain_w].sum() > 40  # row prompts
     assert report["seconds_per_image"]["mllm"] > 0 and report["seconds_per_image"]["diffusion"] > 0
     with open(os.path.join(w, "demo", "summary.txt")) as fh:
         summary = fh.read()
     assert "chance" in summary and report["grid"] in summary and "RANDOM init" in summary
+
+
+def test_controlnet_and_mllm_trained_on_the_cached_vit_latents(first_run):
+    """The demo builds the frozen ViT's latent cache once and both phases that need those latents read it."""
+    cache = demo.clip_cache_path(first_run)
+    latents = np.load(cache)
+    with open(cache + ".json") as fh:
+        side = json.load(fh)
+    assert latents.shape == (32, 16, 64) and side["shape"] == [32, 16, 64]  # train_size 32, 4x4 grid, width 64
+    assert np.all(np.isfinite(latents)) and np.abs(latents).sum(axis=(1, 2)).min() > 0  # no zero (corrupt) row
+    configs = demo.phase_configs(demo.load_demo_config(SMOKE[2:]), first_run, fast=True)
+    for name in ("controlnet", "mllm"):
+        assert configs[name].data.precomputed_clip_latents == cache
+        with open(os.path.join(first_run, name, "demo_phase_config.json")) as fh:
+            assert json.load(fh) == demo._fingerprint(configs[name])  # the run that trained used this config
+
+
+def test_no_library_warnings_on_the_console(first_run_logs):
+    """The demo's console shows its own lines: restoring the phase checkpoints logs no Orbax (absl) warning."""
+    _, records = first_run_logs
+    assert not [r.getMessage() for r in records if r.name == "absl"]
 
 
 def test_second_run_reuses_finished_phases(first_run):
@@ -152,3 +199,11 @@ def test_phase_configs_align_the_grids():
     assert configs["controlnet"].flux.init_from.endswith(os.path.join("flux", "checkpoints"))
     assert configs["flux"].vae.init_from.endswith(os.path.join("vae", "checkpoints"))
 
+
+
+def test_the_latent_cache_does_not_change_a_phase_fingerprint():
+    """A workdir trained with the ViT on the fly stays reusable with the cache (same latents) and vice versa."""
+    on = demo.phase_configs(demo.load_demo_config([]), "/nonexistent-demo-workdir")
+    off = demo.phase_configs(demo.load_demo_config(["--config.cache_clip_latents=False"]), "/nonexistent-demo-workdir")
+    assert on["mllm"].data.precomputed_clip_latents and not off["mllm"].data.precomputed_clip_latents
+    assert all(demo._fingerprint(on[n]) == demo._fingerprint(off[n]) for n in demo.PHASE_ORDER)

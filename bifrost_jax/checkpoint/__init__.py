@@ -341,10 +341,17 @@ def resolve_step_dir(path: str, step: int | None = None) -> epath.Path:
     return p / str(step)
 
 
+def item_tree_metadata(item_dir) -> dict:
+    """The saved tree (array metadata: shape, dtype) of one PyTree item directory. Read through the item's handler:
+    ``PyTreeCheckpointer().metadata`` would also look for step-level metadata, which a ``CheckpointManager``
+    keeps in the step directory, not in each item's, and log a warning for every item it reads."""
+    return ocp.PyTreeCheckpointHandler().metadata(epath.Path(item_dir)).tree
+
+
 def checkpoint_param_shapes(step_dir: epath.Path, use_ema: bool = False) -> dict[PathT, tuple[int, ...]]:
     """Flat ``{path: shape}`` of the variables saved in a step directory (``ema`` replaces ``params``)."""
     def flat_shapes(item_dir):
-        tree = ocp.PyTreeCheckpointer().metadata(item_dir).item_metadata.tree
+        tree = item_tree_metadata(item_dir)
         return {tuple(str(k) for k in path): tuple(m.shape)
                 for path, m in traverse_util.flatten_dict(tree).items()}
     shapes = flat_shapes(step_dir / "params")

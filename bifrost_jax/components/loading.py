@@ -53,8 +53,7 @@ def restore_orbax_port(port_dir: str, kinds: tuple[str, ...], prefix: tuple[str,
     if info.get("kind") not in kinds:
         raise ValueError(f"{what}: {port_dir} is a {info.get('kind')!r} port; expected one of {kinds}")
     # Accounting first: a partial restore would silently ignore extra weights and fail obscurely on missing ones.
-    meta = ocp.PyTreeCheckpointer().metadata(os.path.join(os.path.abspath(port_dir), "variables"))
-    meta = getattr(getattr(meta, "item_metadata", meta), "tree", meta)
+    meta = ckpt.item_tree_metadata(os.path.join(os.path.abspath(port_dir), "variables"))
     saved = {k[len(prefix):]: tuple(m.shape) for k, m in flat_paths(meta).items() if k[:len(prefix)] == prefix}
     check_keys(saved, {k: tuple(a.shape) for k, a in flat_paths(abstract).items()},
                 f"{what}={port_dir} ({info.get('kind')} port, subtree {'.'.join(prefix)})")

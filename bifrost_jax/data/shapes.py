@@ -22,8 +22,10 @@ writes and reads without TensorFlow (``tfds.features.Image`` would need TensorFl
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
+import logging
 import re
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -368,13 +370,35 @@ class BifrostShapes(tfds.core.GeneratorBasedBuilder):
             yield f"{index:07d}", make_example(options, split, index)
 
 
+class _DropRecord(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record):
+        return not str(record.msg).startswith(self.prefix)
+
+
+@contextlib.contextmanager
+def _without_custom_config_warning():
+    """TFDS logs (absl) a warning for every config outside ``BUILDER_CONFIGS``; every options set but the default
+    is one by design here. Drops that one message, nothing else, while a builder is made."""
+    logger, drop = logging.getLogger("absl"), _DropRecord("Using custom data configuration")
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
 def shapes_builder(data_dir: str, options: ShapesOptions | None = None) -> BifrostShapes:
     """The array_record shapes builder for ``options`` under ``data_dir`` (call ``download_and_prepare()``)."""
     options = options or ShapesOptions()
     # TFDS refuses a custom config named like a predefined one: name the predefined one instead.
     predefined = {c.name for c in BifrostShapes.BUILDER_CONFIGS}
     config = options.name if options.name in predefined else ShapesConfig(options)
-    return BifrostShapes(data_dir=data_dir, config=config, file_format="array_record")
+    with _without_custom_config_warning():
+        return BifrostShapes(data_dir=data_dir, config=config, file_format="array_record")
 
 
 def load_shapes(data_dir: str, split: str, options: ShapesOptions | None = None):

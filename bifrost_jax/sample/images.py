@@ -6,7 +6,7 @@ import tempfile
 from typing import Optional
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 
 def fit_images(images, size: tuple[int, int]) -> np.ndarray:
@@ -59,3 +59,43 @@ def make_grid(images: np.ndarray, cols: Optional[int] = None, pad: int = 2) -> n
         r, col = divmod(i, cols)
         grid[r * (h + pad):r * (h + pad) + h, col * (w + pad):col * (w + pad) + w] = im
     return grid
+
+
+def _wrap(text: str, font, width: int) -> list[str]:
+    """Greedy word wrap of ``text`` into lines no wider than ``width`` pixels (a longer single word stays whole)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines or [""]
+
+
+def make_labelled_grid(images: np.ndarray, col_labels, row_labels, *, pad: int = 2,
+                       label_width: int = 200) -> np.ndarray:
+    """``make_grid`` with ``len(col_labels)`` columns, a header line naming each column above it and each row's
+    label (e.g. its prompt, word-wrapped into ``label_width`` pixels) written to its left, black on white in PIL's
+    built-in bitmap font (no font file needed). ``images`` holds the cells row by row."""
+    images = np.asarray(images)
+    cols, rows = len(col_labels), len(row_labels)
+    if images.ndim != 4 or images.shape[0] != cols * rows:
+        raise ValueError(f"make_labelled_grid: {len(row_labels)} row labels x {cols} column labels need "
+                         f"{rows * cols} images, got an array of shape {images.shape}")
+    grid = make_grid(images, cols=cols, pad=pad)
+    h, w = images.shape[1:3]
+    font = ImageFont.load_default_imagefont()
+    line = font.getbbox("Ag")[3] + 2
+    header = line + 2 * pad
+    canvas = Image.new("RGB", (label_width + pad + grid.shape[1], header + grid.shape[0]), (255, 255, 255))
+    canvas.paste(Image.fromarray(grid), (label_width + pad, header))
+    draw = ImageDraw.Draw(canvas)
+    for c, text in enumerate(col_labels):
+        x = label_width + pad + c * (w + pad) + (w - font.getlength(text)) / 2
+        draw.text((max(x, label_width + pad + c * (w + pad)), pad), text, fill=(0, 0, 0), font=font)
+    for r, text in enumerate(row_labels):
+        lines = _wrap(text, font, label_width - 2 * pad)[:max(1, h // line)]
+        y = header + r * (h + pad) + (h - len(lines) * line) / 2
+        for i, t in enumerate(lines):
+            draw.text((pad, y + i * line), t, fill=(0, 0, 0), font=font)
+    return np.asarray(canvas, np.uint8)
