@@ -37,15 +37,17 @@ from bifrost_jax.configs import parse_config_flags
 from bifrost_jax.data.preprocess import crop_box, decode_image, resize_crop
 from bifrost_jax.data.shapes import ShapesOptions, parse_caption
 from bifrost_jax.eval.run import shapes_examples
+from bifrost_jax.eval.shapes_understanding import before_after
 from bifrost_jax.eval.shapes_checker import evaluate
 from bifrost_jax.sample.pipeline import BifrostPipeline, SamplingOptions
 from bifrost_jax.sample.images import make_grid, save_png
 from bifrost_jax.train.loop import train
 from bifrost_jax.train.export import pipeline_from_workdir
 
-PHASE_ORDER = ("vae", "flux", "controlnet", "mllm")
+PHASE_ORDER = ("understanding", "vae", "flux", "controlnet", "mllm")
 # phase -> the phases whose checkpoints it starts from (a forced phase forces its dependents)
-DEPENDS_ON = {"vae": (), "flux": ("vae",), "controlnet": ("flux", "vae"), "mllm": ()}
+DEPENDS_ON = {"understanding": (), "vae": (), "flux": ("vae",), "controlnet": ("flux", "vae", "understanding"),
+              "mllm": ("understanding",)}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "demo.py")
 
@@ -100,7 +102,7 @@ def phase_configs(demo, workdir: str, *, fast: bool = False) -> dict[str, Any]:
         if name == "mllm":
             _set(c, "mllm.config.text", m.mllm_text.to_dict())
             _set(c, "mllm.max_prompt_length", int(m.mllm_max_prompt_length))
-        else:
+        elif name != "understanding":
             _set(c, "vae.config", m.vae.to_dict())
         if name in ("flux", "controlnet"):
             _set(c, "flux.config", m.flux.to_dict())
@@ -109,9 +111,10 @@ def phase_configs(demo, workdir: str, *, fast: bool = False) -> dict[str, Any]:
             _set(c, "t5.max_length", int(m.text_max_length))
             _set(c, "clip.max_length", int(m.text_max_length))
             _set(c, "vae.init_from", ckpt("vae"))
-        if name in ("controlnet", "mllm"):
+        if name in ("understanding", "controlnet", "mllm"):
             _set(c, "vision.config", m.vision.to_dict())
             _set(c, "vision.resolution", int(m.vision_resolution))
+        _understanding_links(c, name, demo, ckpt("understanding"))
         if name == "controlnet":
             _set(c, "flux.init_from", ckpt("flux"))
             _set(c, "controlnet.num_layers", int(m.controlnet.num_layers))
@@ -123,6 +126,19 @@ def phase_configs(demo, workdir: str, *, fast: bool = False) -> dict[str, Any]:
             _set(c, "mllm.config.image_grid", (g, g))
         out[name] = c
     return out
+
+
+def _understanding_links(c, name: str, demo, understanding_ckpt: str) -> None:
+    """The understanding phase's sizes, and the phases that start from it: the controlnet and mllm phases take its
+    ViT (``vision.init_from``), the mllm phase its language model as the frozen base (``mllm.base_init_from``, the
+    generation branch a copy of it)."""
+    if name == "understanding":
+        _set(c, "language.config", demo.models.mllm_text.to_dict())
+        _set(c, "language.max_length", int(demo.models.understanding_max_length))
+    if name in ("controlnet", "mllm"):
+        _set(c, "vision.init_from", understanding_ckpt)
+    if name == "mllm":
+        _set(c, "mllm.base_init_from", understanding_ckpt)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -143,6 +159,7 @@ def _fingerprint(config) -> dict:
     for section in d.values():
         if isinstance(section, dict):
             section.pop("init_from", None)
+            section.pop("base_init_from", None)
     return d
 
 
@@ -315,8 +332,10 @@ def _upscale(images: np.ndarray, factor: int) -> np.ndarray:
     return images.repeat(factor, axis=1).repeat(factor, axis=2) if factor > 1 else images
 
 
-def evaluate_demo(demo, configs: dict, workdir: str, *, num_prompts: int | None = None) -> dict:
-    """Generate for held-out prompts, score every variant, write the grid; returns the report dict."""
+def evaluate_demo(demo, configs: dict, workdir: str, *, num_prompts: int | None = None,
+                  row_notes: Sequence[str] = ()) -> dict:
+    """Generate for held-out prompts, score every variant, write the grid (``row_notes``: a line of text per grid
+    row, e.g. questions answered about its image); returns the report dict."""
 
     g = demo.generate
     out_dir = os.path.join(os.path.abspath(workdir), "demo")
@@ -360,7 +379,8 @@ def evaluate_demo(demo, configs: dict, workdir: str, *, num_prompts: int | None 
     with open(os.path.join(out_dir, "grid_prompts.txt"), "w") as fh:
         fh.write("columns: " + ", ".join(["ground truth", "bifrost"] + [k for k in ("flux_alone", "reconstruction")
                                                                         if k in variants]) + "\n")
-        fh.writelines(f"row {i}: {c}\n" for i, c in enumerate(held.captions[:rows]))
+        fh.writelines(f"row {i}: {c}" + (f"  |  {row_notes[i]}" if i < len(row_notes) else "") + "\n"
+                      for i, c in enumerate(held.captions[:rows]))
     for name, ims in variants.items():
         np.save(os.path.join(out_dir, f"images_{name}.npy"), ims)
     return {
@@ -374,6 +394,67 @@ def evaluate_demo(demo, configs: dict, workdir: str, *, num_prompts: int | None 
         "score_tables": {k: r.format() for k, r in reports.items()},
         "grid": grid_path, "prompts": held.captions,
     }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# understanding, before and after the generation branch was trained
+
+def evaluate_understanding(demo, workdir: str, *, fast: bool = False) -> dict:
+    """Questions about held-out images (shapes ``test`` split, the ViT view) answered by the understanding phase's
+    model (BEFORE) and by the mllm phase's frozen Qwen2.5-VL (AFTER): accuracy per attribute, the bit-identity
+    check, and the answers about the first images (the grid's rows)."""
+    n = int(demo.eval.understanding_images)
+    n = min(n, 16) if fast else n
+    held = held_out_prompts(demo, n, out_resolution=int(demo.data.vae_resolution),
+                            vit_resolution=int(demo.models.vision_resolution))
+    t0 = time.perf_counter()
+    r = before_after(workdir, held.vit_views, held.specs, seed=int(demo.seed))
+    seconds = time.perf_counter() - t0
+    rows = int(demo.generate.grid_prompts)
+    examples = [dict(row, answer_after=after["answer"]) for row, after in zip(r["before"].rows, r["after"].rows)
+                if row["image"] < rows]
+    _log(f"understanding on {n} held-out images: before {_accuracy_words(r['before'].accuracy)}; after "
+         f"{_accuracy_words(r['after'].accuracy)}; {r['answers_identical']}/{r['answers']} answers and "
+         f"{r['weights'] - len(r['weights_differing'])}/{r['weights']} weights identical ({seconds:.0f} s)")
+    return {"num_images": n, "before": r["before"].to_json(), "after": r["after"].to_json(),
+            "identical": bool(r["identical"]), "answers_identical": r["answers_identical"], "answers": r["answers"],
+            "weights": r["weights"], "weights_differing": r["weights_differing"], "seconds": seconds,
+            "examples": examples}
+
+
+def _accuracy_words(acc: dict) -> str:
+    return ", ".join(f"{k} {v:.2f}" for k, v in acc.items())
+
+
+def understanding_notes(und: dict, rows: int) -> list[str]:
+    """One line per grid row: the colour and shape questions about its image and the answer (after = before)."""
+    notes = []
+    for i in range(rows):
+        qa = [f"{e['question']} {e['answer_after']}" for e in und["examples"]
+              if e["image"] == i and e["kind"] in ("color", "shape")]
+        notes.append("; ".join(qa))
+    return notes
+
+
+def format_understanding(und: dict) -> list[str]:
+    lines = [f"understanding: questions about {und['num_images']} held-out images (unseen colour-shape pairs), "
+             f"greedy answers, exact match (accuracy / chance):"]
+    kinds = list(und["before"]["accuracy"])
+    lines.append(f"  {'':<15}" + "".join(f"{k:>10}" for k in kinds))
+    chance = und["before"]["chance"]
+    lines.append(f"  {'chance':<15}" + "".join(f"{chance[k]:>10.3f}" if k in chance else f"{'-':>10}"
+                                              for k in kinds))
+    for name in ("before", "after"):
+        acc = und[name]["accuracy"]
+        lines.append(f"  {name:<15}" + "".join(f"{acc[k]:>10.3f}" for k in kinds))
+    lines.append(f"  before = the understanding phase's model; after = the mllm phase's MLLM (its frozen base) after "
+                 f"the generation branch trained:")
+    lines.append(f"  {und['answers_identical']}/{und['answers']} answers and "
+                 f"{und['weights'] - len(und['weights_differing'])}/{und['weights']} weights bit-identical"
+                 + ("" if und["identical"] else "  <-- NOT IDENTICAL"))
+    for e in und["examples"][:6]:
+        lines.append(f"  image {e['image']}: {e['question']} -> {e['answer_after']!r} (truth {e['truth']!r})")
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -393,6 +474,7 @@ def format_summary(report: dict, phases: dict, workdir: str, *, total_seconds: f
                else "reused" + (f" (trained in {p['trained_seconds']:.0f} s)" if p.get("trained_seconds") else ""))
         lines.append(f"  {name:<11} {p['steps']:>5} steps  {how:<28}"
                      + (f" final loss {loss:.4g}" if loss is not None else "") + f"   {w}/{name}/checkpoints")
+    lines += format_understanding(ev["understanding"]) if ev.get("understanding") else []
     s = ev["seconds_per_image"]
     lines.append(f"generation: {ev['num_prompts']} held-out prompts (unseen colour-shape pairs), "
                  f"{ev['image_size'][0]}x{ev['image_size'][1]} px, MAR {ev['sampling']['mar_steps']} steps, "
@@ -413,8 +495,8 @@ def format_summary(report: dict, phases: dict, workdir: str, *, total_seconds: f
                  "off;")
     lines.append("  reconstruction = the ground-truth image's ViT latents -> ControlNet + FLUX; ground_truth = the "
                  "real images")
-    lines.append("  (the checker's ceiling at this resolution). The ViT is frozen at RANDOM init (nothing "
-                 "pretrained offline).")
+    lines.append("  (the checker's ceiling at this resolution). The ViT is the understanding phase's (pretrained "
+                 "on the shapes data).")
     if ev.get("data_layout"):
         lines.append(f"  Shapes data layout: {ev['data_layout']} (configs/demo.py says why).")
     lines.append("outputs:")
@@ -463,8 +545,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     _log("generating for held-out prompts and scoring")
     t0 = time.perf_counter()
     n = min(int(demo.generate.num_prompts), 16) if args.fast else None
-    report = evaluate_demo(demo, configs, workdir, num_prompts=n)
+    understanding = evaluate_understanding(demo, workdir, fast=args.fast)
+    report = evaluate_demo(demo, configs, workdir, num_prompts=n,
+                           row_notes=understanding_notes(understanding, int(demo.generate.grid_prompts)))
     report["seconds_generate_and_score"] = time.perf_counter() - t0
+    report["understanding"] = understanding
     total = time.perf_counter() - t_start
     report.update(phases=phases, total_seconds=total, fast=bool(args.fast), workdir=workdir,
                   demo_config=json.loads(demo.to_json()))
@@ -473,6 +558,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with open(os.path.join(workdir, "demo", "summary.txt"), "w") as fh:
         fh.write(summary + "\n")
     print(summary, flush=True)
+    if not understanding["identical"]:
+        raise SystemExit("the mllm phase changed the understanding path (see 'understanding' in report.json): "
+                         "its text tokens must use the frozen base weights only")
     return 0
 
 

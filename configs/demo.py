@@ -55,8 +55,12 @@ def get_config():
                     temporal_patch_size=2, spatial_merge_size=2, window_size=56, fullatt_block_indexes=(1,))
     m.vision_resolution = 112
     m.controlnet = dict(num_layers=1, num_single_layers=1)
+    # the language model of the understanding phase and the mllm phase's frozen base (embeddings tied, as
+    # Qwen2.5-VL-3B: the MLLM then holds the whole text path)
     m.mllm_text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=128, rope_theta=1e6, mrope_section=(4, 2, 2))
+                       num_key_value_heads=2, vocab_size=128, rope_theta=1e6, mrope_section=(4, 2, 2),
+                       tie_word_embeddings=True)
+    m.understanding_max_length = 64  # one image (16 tokens), a question and its answer in the chat template
     m.mllm_max_prompt_length = 48
     c.models = m
 
@@ -65,7 +69,7 @@ def get_config():
     # (300 x 16 steps: 0.78, 800 x 32: 0.95), and the MLLM needs ~2500 x 32 steps to generalise colour to unseen
     # colour-shape pairs (1500 x 16: colour 0.28, 4000 x 32: 0.69, same diffusion checkpoints).
     c.phases = ml_collections.ConfigDict()
-    for name, steps, batch, lr in (("vae", 600, 32, 2e-3), ("flux", 600, 64, 2e-3),
+    for name, steps, batch, lr in (("understanding", 600, 32, 2e-3), ("vae", 600, 32, 2e-3), ("flux", 600, 64, 2e-3),
                                    ("controlnet", 500, 32, 1e-3), ("mllm", 3000, 32, 1e-3)):
         c.phases[name] = ml_collections.ConfigDict(dict(steps=steps, batch_size=batch, lr=lr, warmup_steps=50))
     # the unconditional prompt "" (MLLM classifier-free guidance, generate.mllm_cfg > 1) must be seen in training
@@ -80,5 +84,6 @@ def get_config():
                                                 mllm_cfg=1.0, flux_steps=12, guidance=3.5, conditioning_scale=1.0,
                                                 grid_prompts=16, batch=32))
     # also score FLUX alone (text only, ControlNet off) and reconstruction (GT image -> ViT -> ControlNet + FLUX)
-    c.eval = ml_collections.ConfigDict(dict(flux_alone=True, reconstruction=True))
+    # understanding before/after: questions about this many held-out images (shapes "test" split)
+    c.eval = ml_collections.ConfigDict(dict(flux_alone=True, reconstruction=True, understanding_images=128))
     return c

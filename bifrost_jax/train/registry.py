@@ -7,6 +7,7 @@ from bifrost_jax.train.flux_phases import ControlNetPhase, FluxPhase
 from bifrost_jax.train.mllm_phase import MllmPhase
 from bifrost_jax.train.phases import Phase
 from bifrost_jax.train.toy import ToyPhase
+from bifrost_jax.train.understanding_phase import UnderstandingPhase
 from bifrost_jax.train.vae_phase import VaePhase
 
 PHASES: dict[str, type[Phase]] = {
@@ -15,6 +16,7 @@ PHASES: dict[str, type[Phase]] = {
     "flux": FluxPhase,
     "controlnet": ControlNetPhase,
     "mllm": MllmPhase,
+    "understanding": UnderstandingPhase,
 }
 
 
