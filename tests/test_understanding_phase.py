@@ -108,8 +108,9 @@ def _held_out(n, vit_resolution=112):
 def test_mllm_starts_from_it_and_keeps_its_answers(trained, data_dir):
     workdir, _ = trained
     ckpt = os.path.join(workdir, "understanding", "checkpoints")
-    mllm = _config("mllm", data_dir, **{"vision.init_from": ckpt, "mllm.base_init_from": ckpt,
-                                        "mllm.config.text.tie_word_embeddings": True})
+    mllm = _config("mllm", data_dir, **{"vision.init_from": ckpt, "mllm.base_init_from": ckpt})
+    with mllm.mllm.config.text.unlocked():
+        mllm.mllm.config.text.tie_word_embeddings = True  # the understanding model's language model
     train(mllm, workdir, progress_bar=False)
     _, und = phase_variables(workdir, "understanding")
     _, mv = phase_variables(workdir, "mllm")
