@@ -2,18 +2,26 @@
 
     bifrost demo --workdir runs/demo [--fast] [--force PHASE ...] [--config FILE] [--config.KEY=VALUE ...]
 
-1. Trains the four tiny phases on the built-in shapes data (generated into ``WORKDIR/data`` on first use), in
-   order ``vae -> flux -> controlnet -> mllm``, each through the generic loop (``train.loop.train``) with the
+1. Trains the five tiny phases on the built-in shapes data (generated into ``WORKDIR/data`` on first use), in
+   order ``understanding -> vae -> flux -> controlnet -> mllm``, each through the generic loop (``train.loop.train``) with the
    config of ``configs/<phase>.py`` overridden by the ONE demo config (``configs/demo.py``: shared model sizes,
    per-phase steps / batch / lr). A phase whose final checkpoint exists is reused, not retrained; an interrupted
    one resumes. ``--force PHASE`` retrains it and every phase that depends on it.
-2. Builds the Bifrost pipeline from the checkpoints (the frozen random T5 / CLIP / ViT / language model are
-   rebuilt from the same fixed keys the phases used: checkpoints hold only trained weights) and generates one image
-   per held-out prompt (shapes ``test`` split: every prompt holds a colour-shape pair never seen in training).
-3. Scores the images with the pixel-level shapes checker, beside the chance levels, and for reference scores
+   The ``understanding`` phase trains a Qwen2.5-VL-architecture model (ViT + merger + language model) as a VLM
+   on questions about the shapes images; the controlnet and mllm phases take its ViT (``vision.init_from``) and
+   the mllm phase its language model as the frozen base, the generation branch a copy of it
+   (``mllm.base_init_from``).
+2. Asks questions about held-out images (colour, shape, count, position) of the understanding model (before) and
+   of the trained MLLM's frozen base (after): accuracy per attribute, the answers bit-identical
+   (``eval/shapes_understanding.py``).
+3. Builds the Bifrost pipeline from the checkpoints (frozen weights are rebuilt as the phases got them: the
+   understanding checkpoint, the fixed-key random T5 / CLIP; checkpoints hold only trained weights) and generates
+   one image per held-out prompt (shapes ``test`` split: every prompt holds a colour-shape pair never seen in training).
+4. Scores the images with the pixel-level shapes checker, beside the chance levels, and for reference scores
    FLUX alone (text only, ControlNet off), reconstruction (GT image -> ViT latents -> ControlNet + FLUX) and the
    ground-truth images at the same resolution (the checker's ceiling).
-4. Writes ``WORKDIR/demo/grid.png`` (rows: prompts; columns: ground truth, Bifrost, FLUX alone, reconstruction),
+5. Writes ``WORKDIR/demo/grid.png`` (rows: prompts; columns: ground truth, Bifrost, FLUX alone, reconstruction;
+   ``grid_prompts.txt`` names each row and the questions answered about its image),
    ``WORKDIR/demo/report.json`` and ``WORKDIR/demo/summary.txt``, and prints the summary.
 """
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """The embedded default: the whole Bifrost-1 system, tiny, trained from scratch on CPU on the built-in shapes data.
 
 ONE file describes the demo: the model sizes every phase shares, per-phase steps / batch / learning rate, and the
-generation and evaluation settings. ``bifrost_jax.demo`` turns it into the configs of the four phases
-(``configs/{vae,flux,controlnet,mllm}.py``, whose other settings are kept) and runs them in order:
+generation and evaluation settings. ``bifrost_jax.demo`` turns it into the configs of the five phases
+(``configs/{understanding,vae,flux,controlnet,mllm}.py``, whose other settings are kept) and runs them in order:
 
-    vae -> flux -> controlnet (FLUX and VAE from the two phases before) -> mllm -> generate + score
+    understanding -> vae -> flux -> controlnet (FLUX and VAE from the phases before, the ViT from understanding)
+    -> mllm (ViT and frozen language model from understanding) -> understanding before/after + generate + score
 
 Data: the shapes dataset in its "fixed" layout (``data/shapes.fixed_placement``): the caption fixes where each
 object goes, up to a +-2% jitter. The MLLM regresses CLIP latents with an MSE (docs/design.md §6), so with random positions its
@@ -16,9 +17,11 @@ Geometry (docs/design.md §7.1 item 3, the grids must align): shapes images rend
 2 -> 16x16x4 latents -> 2x2 packing -> 8x8 = 64 FLUX tokens; ViT view 112 px -> 8x8 patches of 14 px -> 2x2 merge
 -> 4x4 = N = 16 CLIP latents -> the ControlNet's 2x upsampler -> 8x8 = the FLUX token grid.
 
-The ViT (Qwen2.5-VL architecture) stays FROZEN AT ITS RANDOM INIT (nothing pretrained exists offline): its latents
-are still a deterministic feature map of the image, which is all the ControlNet and the MLLM need here. The T5 and
-CLIP text encoders are frozen random too; the word tokenizer is built from the dataset vocabulary.
+Nothing pretrained exists offline, so the ``understanding`` phase stands in for Qwen2.5-VL's own pretraining: the
+Qwen2.5-VL-architecture model (ViT + merger + language model) learns to answer questions about the shapes images
+(``data/shapes_qa.py``). Its ViT is the vision tower whose latents the ControlNet reads and the MLLM predicts; its
+language model is the MLLM's frozen base, the generation branch its copy. The T5 and CLIP text encoders stay frozen
+at a random init; the word tokenizer is built from the dataset vocabulary (questions included).
 
     make demo                                     # = bifrost demo --workdir runs/demo
     bifrost demo --workdir runs/demo [--fast] [--force PHASE] [--config.phases.flux.steps=800 ...]
@@ -57,8 +60,11 @@ def get_config():
     m.controlnet = dict(num_layers=1, num_single_layers=1)
     # the language model of the understanding phase and the mllm phase's frozen base (embeddings tied, as
     # Qwen2.5-VL-3B: the MLLM then holds the whole text path)
+    # M-RoPE: a head of 16 has 8 frequency pairs; at Qwen's theta 1e6 the few given to the image rows and columns
+    # turn by ~1e-3 rad per cell, so the language model could not tell where an object is (position questions
+    # measured at chance). theta 10 with (2, 3, 3) turns them by 0.1 to 0.6 rad per cell.
     m.mllm_text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=128, rope_theta=1e6, mrope_section=(4, 2, 2),
+                       num_key_value_heads=2, vocab_size=128, rope_theta=10.0, mrope_section=(2, 3, 3),
                        tie_word_embeddings=True)
     m.understanding_max_length = 64  # one image (16 tokens), a question and its answer in the chat template
     m.mllm_max_prompt_length = 48
