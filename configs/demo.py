@@ -60,9 +60,9 @@ def get_config():
     m.controlnet = dict(num_layers=1, num_single_layers=1)
     # the language model of the understanding phase and the mllm phase's frozen base (embeddings tied, as
     # Qwen2.5-VL-3B: the MLLM then holds the whole text path)
-    # M-RoPE: a head of 16 has 8 frequency pairs; at Qwen's theta 1e6 the few given to the image rows and columns
-    # turn by ~1e-3 rad per cell, so the language model could not tell where an object is (position questions
-    # measured at chance). theta 10 with (2, 3, 3) turns them by 0.1 to 0.6 rad per cell.
+    # M-RoPE: a head of 16 has 8 frequency pairs; at Qwen's theta 1e6 with (4, 2, 2) the ones given to the image
+    # rows and columns turn by 1e-3 rad per cell or less, so where an object sits barely reaches attention.
+    # theta 10 with (2, 3, 3) turns them by 0.13 to 0.56 rad per cell (benchmarks/RESULTS.md, understanding phase).
     m.mllm_text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                        num_key_value_heads=2, vocab_size=128, rope_theta=10.0, mrope_section=(2, 3, 3),
                        tie_word_embeddings=True)
