@@ -143,6 +143,7 @@ def _understanding_links(c, name: str, demo, understanding_ckpt: str) -> None:
     if name == "understanding":
         _set(c, "language.config", demo.models.mllm_text.to_dict())
         _set(c, "language.max_length", int(demo.models.understanding_max_length))
+        _set(c, "language.questions_per_image", int(demo.models.understanding_questions_per_image))
     if name in ("controlnet", "mllm"):
         _set(c, "vision.init_from", understanding_ckpt)
     if name == "mllm":

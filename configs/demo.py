@@ -67,6 +67,7 @@ def get_config():
                        num_key_value_heads=2, vocab_size=128, rope_theta=10.0, mrope_section=(2, 3, 3),
                        tie_word_embeddings=True)
     m.understanding_max_length = 64  # one image (16 tokens), a question and its answer in the chat template
+    m.understanding_questions_per_image = 1  # > 1: a conversation of that many turns per image
     m.mllm_max_prompt_length = 48
     c.models = m
 

@@ -21,7 +21,8 @@ from flax import traverse_util
 from bifrost_jax.configs import load_config_file
 from bifrost_jax.data.prompt import IM_END
 from bifrost_jax.data.shapes import ShapesOptions, parse_caption
-from bifrost_jax.data.shapes_qa import encode_qa, evaluation_questions, question_prompt
+from bifrost_jax.data.shapes_qa import (encode_conversation, encode_qa, evaluation_questions, question_prompt,
+                                         random_conversation)
 from bifrost_jax.data.preprocess import crop_box, decode_image, resize_crop
 from bifrost_jax.eval import shapes_understanding as su
 from bifrost_jax.eval.run import shapes_examples
@@ -77,6 +78,16 @@ def test_training_sequence_masks_all_but_the_answer(data_dir):
     assert seq["attention_mask"].sum() == len(prompt) + 2 and "<unk>" not in tok.decode(ids)
     with pytest.raises(ValueError, match="config.language.max_length"):
         encode_qa(tok, q, a, 16, len(prompt))
+    # a conversation: every answer (and its <|im_end|>) in the loss, the caption last, questions and template not
+    spec = parse_caption("a red circle to the left of a blue square")
+    turns = random_conversation(spec, np.random.default_rng(0), 5)
+    assert len(turns) == 5 and turns[-1][1] == spec.caption
+    conv = encode_conversation(tok, turns, 16, 160)
+    targets = [i for i, m in zip(conv["input_ids"], conv["loss_mask"]) if m]
+    end = tok.token_id(IM_END)
+    assert targets == [t for _, ans in turns for t in tok.encode(ans) + [end]]
+    first = question_prompt(tok, turns[0][0], 16)  # the first turn is exactly an evaluation prompt
+    assert list(conv["input_ids"][:len(first)]) == first and conv["loss_mask"][:len(first)].sum() == 0
 
 
 def test_trains_and_resumes_exactly(trained, data_dir):

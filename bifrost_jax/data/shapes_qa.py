@@ -105,15 +105,39 @@ def encode_qa(tokenizer: Tokenizer, question_text: str, answer: str, num_image_t
               max_length: int) -> dict[str, np.ndarray]:
     """One training sequence: ``question_prompt`` + the answer + ``<|im_end|>``, right-padded to ``max_length``.
     ``loss_mask`` marks the tokens the model must predict (the answer and its ``<|im_end|>``: it learns to stop)."""
-    prompt = question_prompt(tokenizer, question_text, num_image_tokens)
-    answer_ids = tokenizer.encode(answer) + [tokenizer.token_id(IM_END)]
-    ids = prompt + answer_ids
+    return encode_conversation(tokenizer, [(question_text, answer)], num_image_tokens, max_length)
+
+
+def encode_conversation(tokenizer: Tokenizer, turns: Sequence[tuple[str, str]], num_image_tokens: int,
+                        max_length: int) -> dict[str, np.ndarray]:
+    """Several (question, answer) turns about one image (the image in the first user turn), right-padded to
+    ``max_length``; ``loss_mask`` marks every answer and its ``<|im_end|>``. One turn: ``question_prompt`` + the
+    answer + ``<|im_end|>``, exactly what the evaluation answers from."""
+    end = tokenizer.token_id(IM_END)
+    messages, ids, mask = [], [], []
+    for j, (q, a) in enumerate(turns):
+        messages.append(user_message(q, 1 if j == 0 else 0))
+        prompt = chat_token_ids(tokenizer, messages, [num_image_tokens])
+        if prompt[:len(ids)] != ids:
+            raise RuntimeError(f"the chat template of turn {j} does not extend the previous turns: {turns}")
+        answer = tokenizer.encode(a) + [end]
+        mask += [0] * (len(prompt) - len(ids)) + [1] * len(answer)
+        ids = prompt + answer
+        messages.append({"role": "assistant", "content": a})
     if len(ids) > max_length:
-        raise ValueError(f"the question {question_text!r} with answer {answer!r} takes {len(ids)} tokens but "
-                         f"config.language.max_length is {max_length}")
+        raise ValueError(f"the conversation {list(turns)} takes {len(ids)} tokens but config.language.max_length is "
+                         f"{max_length}")
     out = {"input_ids": np.full((max_length,), tokenizer.pad_id, np.int32),
            "attention_mask": np.zeros((max_length,), np.int32), "loss_mask": np.zeros((max_length,), np.int32)}
     out["input_ids"][:len(ids)] = ids
     out["attention_mask"][:len(ids)] = 1
-    out["loss_mask"][len(prompt):len(ids)] = 1
+    out["loss_mask"][:len(ids)] = mask
     return out
+
+
+def random_conversation(spec: SceneSpec, rng: np.random.Generator, turns: int) -> list[tuple[str, str]]:
+    """Up to ``turns`` (question, answer) pairs about ``spec``, one per applicable kind: the attribute questions in
+    a random order, the caption (which names every attribute) always last so no earlier answer can copy it."""
+    kinds = [k for k in ATTRIBUTES if k != "position" or spec.relation is not None]
+    kinds = [kinds[i] for i in rng.permutation(len(kinds))] + ["caption"]
+    return [question(spec, k, rng) for k in kinds[:turns]]

@@ -104,7 +104,8 @@ def tiny_vision_section():
 def tiny_language_section():
     """The understanding phase's language model: the tiny MLLM's, embeddings tied (as Qwen2.5-VL-3B), so that the
     mllm phase's copy of it is the whole text path."""
-    return section(dict(TINY_MLLM_TEXT, tie_word_embeddings=True), tokenizer_dir="", max_length=64)
+    return section(dict(TINY_MLLM_TEXT, tie_word_embeddings=True), tokenizer_dir="", max_length=64,
+                   questions_per_image=1)
 
 
 def tiny_mllm_section():

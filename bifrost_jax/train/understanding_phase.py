@@ -2,7 +2,8 @@
 as a VLM on the shapes data, standing in for Qwen2.5-VL's own pretraining at toy scale.
 
 Every example is one image and one question about it in the chat template (``data/shapes_qa.py``: a caption, or
-the colour, shape, count or position of an object), the kind drawn uniformly per example; the loss is the
+the colour, shape, count or position of an object), the kind drawn uniformly per example, or a conversation of
+``language.questions_per_image`` turns about it; the loss is the
 next-token cross-entropy on the answer tokens (and the ``<|im_end|>`` that ends them) only. The ViT sees exactly
 the view the controlnet and mllm phases give it (``vision.resolution`` pixels, ``components.clip_latents_from_pixels``'
 patchify): its merged outputs are the patch latents Bifrost predicts, and those phases take it from this phase's
@@ -20,7 +21,7 @@ from bifrost_jax.data.preprocess import as_text
 from bifrost_jax.data.prompt import load_tokenizer
 from bifrost_jax.data.qwen_image import patchify
 from bifrost_jax.data.shapes import parse_caption
-from bifrost_jax.data.shapes_qa import encode_qa, random_question
+from bifrost_jax.data.shapes_qa import encode_conversation, random_conversation, random_question
 from bifrost_jax.data.sources import image_source, make_image_preprocess, train_iterator, word_tokenizer_dir
 from bifrost_jax.models import flops
 from bifrost_jax.train.phases import Phase
@@ -36,7 +37,8 @@ def understanding_tokenizer(config):
 class UnderstandingPhase(Phase):
     """Config: ``vision`` (the ViT section, ``resolution`` = its square view), ``language`` (``config``:
     QwenTextConfig fields; ``max_length`` of a training sequence; ``tokenizer_dir``, empty = the shapes word
-    tokenizer), ``data`` (the shapes source; ``random_crop`` as the other phases). Everything trains."""
+    tokenizer; ``questions_per_image``: 1 = one question of a kind drawn uniformly (caption included), more = a
+    conversation of that many turns, ``data/shapes_qa.random_conversation``), ``data`` (the shapes source; ``random_crop`` as the other phases). Everything trains."""
 
     name = "understanding"
 
@@ -89,11 +91,17 @@ class UnderstandingPhase(Phase):
         views = make_image_preprocess(vit_resolution=int(self.config.vision.resolution), random_crop=d.random_crop,
                                       min_crop_scale=d.min_crop_scale)
         tok, n_img, max_len = self.tokenizer, self.model.num_image_tokens, self.max_length
+        turns = int(self.config.language.get("questions_per_image", 1))
 
         def preprocess(element, rng):
             out = views(element, rng)
-            _, q, a = random_question(parse_caption(as_text(element["caption"])), rng)
-            out.update(encode_qa(tok, q, a, n_img, max_len))
+            spec = parse_caption(as_text(element["caption"]))
+            if turns == 1:
+                _, q, a = random_question(spec, rng)
+                conversation = [(q, a)]
+            else:
+                conversation = random_conversation(spec, rng, turns)
+            out.update(encode_conversation(tok, conversation, n_img, max_len))
             return out
 
         return train_iterator(self.config, image_source(d), preprocess, global_batch_size=global_batch_size,
