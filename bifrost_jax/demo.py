@@ -3,8 +3,8 @@
     bifrost demo --workdir runs/demo [--fast] [--force PHASE ...] [--config FILE] [--config.KEY=VALUE ...]
 
 1. Trains the five tiny phases on the built-in shapes data (generated into ``WORKDIR/data`` on first use), in
-   order ``understanding -> vae -> flux -> controlnet -> mllm``, each through the generic loop (``train.loop.train``) with the
-   config of ``configs/<phase>.py`` overridden by the ONE demo config (``configs/demo.py``: shared model sizes,
+   order ``understanding -> vae -> flux -> controlnet -> mllm``, each through the generic loop
+   (``train.loop.train``) with the config of ``configs/<phase>.py`` overridden by the ONE demo config (``configs/demo.py``: shared model sizes,
    per-phase steps / batch / lr). A phase whose final checkpoint exists is reused, not retrained; an interrupted
    one resumes. ``--force PHASE`` retrains it and every phase that depends on it.
    The ``understanding`` phase trains a Qwen2.5-VL-architecture model (ViT + merger + language model) as a VLM

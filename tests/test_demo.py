@@ -1,6 +1,7 @@
 """Smoke run of the demo orchestration (``bifrost demo``): every phase (understanding included) a couple of steps,
-generation for 2 held-out prompts, understanding before/after on held-out images, the report written; a second run reuses every finished phase (no retraining), ``--force`` retrains a phase
-and its dependents, and a changed config is refused instead of silently mixing checkpoints.
+generation for 2 held-out prompts, understanding before/after on held-out images, the report written; a second
+run reuses every finished phase (no retraining), ``--force`` retrains a phase and its dependents, and a changed
+config is refused instead of silently mixing checkpoints.
 
 Numbers here mean nothing (2 steps); the demo's real scores are in its summary / benchmarks/RESULTS.md.
 """

@@ -38,7 +38,8 @@ class UnderstandingPhase(Phase):
     """Config: ``vision`` (the ViT section, ``resolution`` = its square view), ``language`` (``config``:
     QwenTextConfig fields; ``max_length`` of a training sequence; ``tokenizer_dir``, empty = the shapes word
     tokenizer; ``questions_per_image``: 1 = one question of a kind drawn uniformly (caption included), more = a
-    conversation of that many turns, ``data/shapes_qa.random_conversation``), ``data`` (the shapes source; ``random_crop`` as the other phases). Everything trains."""
+    conversation of that many turns, ``data/shapes_qa.random_conversation``), ``data`` (the shapes source;
+    ``random_crop`` as the other phases). Everything trains."""
 
     name = "understanding"
 
