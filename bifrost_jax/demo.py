@@ -439,7 +439,7 @@ def understanding_notes(und: dict, rows: int) -> list[str]:
     """One line per grid row: the colour and shape questions about its image and the answer (after = before)."""
     notes = []
     for i in range(rows):
-        qa = [f"{e['question']} {e['answer_after']}" for e in und["examples"]
+        qa = [f"{e['question']} -> {e['answer_after']!r}" for e in und["examples"]
               if e["image"] == i and e["kind"] in ("color", "shape")]
         notes.append("; ".join(qa))
     return notes
@@ -481,7 +481,7 @@ def format_summary(report: dict, phases: dict, workdir: str, *, total_seconds: f
         loss = m.get("loss")
         how = (f"trained {p['seconds']:.0f} s" if p["status"] == "trained"
                else "reused" + (f" (trained in {p['trained_seconds']:.0f} s)" if p.get("trained_seconds") else ""))
-        lines.append(f"  {name:<11} {p['steps']:>5} steps  {how:<28}"
+        lines.append(f"  {name:<13} {p['steps']:>5} steps  {how:<28}"
                      + (f" final loss {loss:.4g}" if loss is not None else "") + f"   {w}/{name}/checkpoints")
     lines += format_understanding(ev["understanding"]) if ev.get("understanding") else []
     s = ev["seconds_per_image"]
