@@ -2,21 +2,28 @@
 
     bifrost demo --workdir runs/demo [--fast] [--force PHASE ...] [--config FILE] [--config.KEY=VALUE ...]
 
-1. Trains the four tiny phases on the built-in shapes data (generated into ``WORKDIR/data`` on first use), in
-   order ``vae -> flux -> controlnet -> mllm``, each through the generic loop (``train.loop.train``) with the
-   config of ``configs/<phase>.py`` overridden by the ONE demo config (``configs/demo.py``: shared model sizes,
+1. Trains the five tiny phases on the built-in shapes data (generated into ``WORKDIR/data`` on first use), in
+   order ``understanding -> vae -> flux -> controlnet -> mllm``, each through the generic loop
+   (``train.loop.train``) with the config of ``configs/<phase>.py`` overridden by the ONE demo config (``configs/demo.py``: shared model sizes,
    per-phase steps / batch / lr). A phase whose final checkpoint exists is reused, not retrained; an interrupted
    one resumes. ``--force PHASE`` retrains it and every phase that depends on it. The ``controlnet`` and ``mllm``
    phases read the frozen ViT's latents from ``WORKDIR/demo/clip_latents.npy`` (``config.cache_clip_latents``),
    built with ``bifrost cache-latents``' code before the first of them trains in a run.
-2. Builds the Bifrost pipeline from the checkpoints (the frozen random T5 / CLIP / ViT / language model are
-   rebuilt from the same fixed keys the phases used: checkpoints hold only trained weights) and generates one image
-   per held-out prompt (shapes ``test`` split: every prompt holds a colour-shape pair never seen in training).
-3. Scores the images with the pixel-level shapes checker, beside the chance levels, and for reference scores
+   The ``understanding`` phase trains a Qwen2.5-VL-architecture model (ViT + merger + language model) as a VLM
+   on questions about the shapes images; the controlnet and mllm phases take its ViT (``vision.init_from``) and
+   the mllm phase its language model as the frozen base, the generation branch a copy of it
+   (``mllm.base_init_from``).
+2. Asks questions about held-out images (colour, shape, count, position) of the understanding model (before) and
+   of the trained MLLM's frozen base (after): accuracy per attribute, the answers bit-identical
+   (``eval/shapes_understanding.py``).
+3. Builds the Bifrost pipeline from the checkpoints (frozen weights are rebuilt as the phases got them: the
+   understanding checkpoint, the fixed-key random T5 / CLIP; checkpoints hold only trained weights) and generates
+   one image per held-out prompt (shapes ``test`` split: every prompt holds a colour-shape pair never seen in training).
+4. Scores the images with the pixel-level shapes checker, beside the chance levels, and for reference scores
    FLUX alone (text only, ControlNet off), reconstruction (GT image -> ViT latents -> ControlNet + FLUX) and the
    ground-truth images at the same resolution (the checker's ceiling).
-4. Writes ``WORKDIR/demo/grid.png`` (rows: prompts, each written beside its row; columns, named in a header line:
-   ground truth, Bifrost, FLUX alone, reconstruction),
+5. Writes ``WORKDIR/demo/grid.png`` (rows: prompts, each written beside its row with the questions answered about
+   its image; columns, named in a header line: ground truth, Bifrost, FLUX alone, reconstruction),
    ``WORKDIR/demo/report.json`` and ``WORKDIR/demo/summary.txt``, and prints the summary.
 """
 from __future__ import annotations
@@ -40,6 +47,7 @@ from bifrost_jax.configs import parse_config_flags
 from bifrost_jax.data.preprocess import crop_box, decode_image, resize_crop
 from bifrost_jax.data.shapes import ShapesOptions, parse_caption
 from bifrost_jax.eval.run import shapes_examples
+from bifrost_jax.eval.shapes_understanding import before_after
 from bifrost_jax.eval.shapes_checker import evaluate
 from bifrost_jax.sample.pipeline import BifrostPipeline, SamplingOptions
 from bifrost_jax.sample.images import make_labelled_grid, save_png
@@ -47,11 +55,12 @@ from bifrost_jax.train.cache_latents import build_clip_cache
 from bifrost_jax.train.loop import train
 from bifrost_jax.train.export import pipeline_from_workdir
 
-PHASE_ORDER = ("vae", "flux", "controlnet", "mllm")
+PHASE_ORDER = ("understanding", "vae", "flux", "controlnet", "mllm")
 # --config.decoder=unet: a Stable Diffusion-architecture UNet in place of FLUX (docs/unet.md)
-UNET_PHASE_ORDER = ("vae", "unet", "controlnet", "mllm")
+UNET_PHASE_ORDER = ("understanding", "vae", "unet", "controlnet", "mllm")
 # phase -> the phases whose checkpoints it starts from (a forced phase forces its dependents)
-DEPENDS_ON = {"vae": (), "flux": ("vae",), "unet": ("vae",), "controlnet": ("flux", "unet", "vae"), "mllm": ()}
+DEPENDS_ON = {"understanding": (), "vae": (), "flux": ("vae",), "unet": ("vae",),
+              "controlnet": ("flux", "unet", "vae", "understanding"), "mllm": ("understanding",)}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "demo.py")
 
@@ -127,7 +136,7 @@ def phase_configs(demo, workdir: str, *, fast: bool = False) -> dict[str, Any]:
         if name == "mllm":
             _set(c, "mllm.config.text", m.mllm_text.to_dict())
             _set(c, "mllm.max_prompt_length", int(m.mllm_max_prompt_length))
-        else:
+        elif name != "understanding":
             _set(c, "vae.config", m.vae.to_dict())
         if unet and name in ("unet", "controlnet"):
             _set_unet_sections(c, m, ckpt, name)
@@ -138,9 +147,10 @@ def phase_configs(demo, workdir: str, *, fast: bool = False) -> dict[str, Any]:
             _set(c, "t5.max_length", int(m.text_max_length))
             _set(c, "clip.max_length", int(m.text_max_length))
             _set(c, "vae.init_from", ckpt("vae"))
-        if name in ("controlnet", "mllm"):
+        if name in ("understanding", "controlnet", "mllm"):
             _set(c, "vision.config", m.vision.to_dict())
             _set(c, "vision.resolution", int(m.vision_resolution))
+        _understanding_links(c, name, demo, ckpt("understanding"))
         if name == "controlnet" and not unet:
             _set(c, "flux.init_from", ckpt("flux"))
             _set(c, "controlnet.num_layers", int(m.controlnet.num_layers))
@@ -178,6 +188,20 @@ def build_demo_clip_cache(config) -> None:
     _log(f"cache built in {time.perf_counter() - t0:.0f} s")
 
 
+def _understanding_links(c, name: str, demo, understanding_ckpt: str) -> None:
+    """The understanding phase's sizes, and the phases that start from it: the controlnet and mllm phases take its
+    ViT (``vision.init_from``), the mllm phase its language model as the frozen base (``mllm.base_init_from``, the
+    generation branch a copy of it)."""
+    if name == "understanding":
+        _set(c, "language.config", demo.models.mllm_text.to_dict())
+        _set(c, "language.max_length", int(demo.models.understanding_max_length))
+        _set(c, "language.questions_per_image", int(demo.models.understanding_questions_per_image))
+    if name in ("controlnet", "mllm"):
+        _set(c, "vision.init_from", understanding_ckpt)
+    if name == "mllm":
+        _set(c, "mllm.base_init_from", understanding_ckpt)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # training
 
@@ -198,6 +222,7 @@ def _fingerprint(config) -> dict:
     for section in d.values():
         if isinstance(section, dict):
             section.pop("init_from", None)
+            section.pop("base_init_from", None)
     return d
 
 
@@ -377,24 +402,28 @@ GRID_COLUMNS = {"ground_truth": "ground truth", "bifrost": "Bifrost", "flux_alon
                 "reconstruction": "reconstruction"}
 
 
-def write_grid(out_dir: str, held: HeldOut, variants: dict, rows: int) -> str:
-    """``out_dir/grid.png``: one row per held-out prompt (the prompt written to its left), one column per variant
-    (named in a header line), cells upscaled to about 96 px; the row prompts also go to ``grid_prompts.txt``."""
+def write_grid(out_dir: str, held: HeldOut, variants: dict, rows: int, row_notes: Sequence[str] = ()) -> str:
+    """``out_dir/grid.png``: one row per held-out prompt (the prompt written to its left, then its ``row_notes``
+    line, e.g. questions answered about its image), one column per variant (named in a header line), cells upscaled
+    to about 96 px; the row labels also go to ``grid_prompts.txt``."""
     names = ["ground_truth"] + [k for k in ("bifrost", "flux_alone", "reconstruction") if k in variants]
     cols = [held.gt[:rows]] + [variants[k][:rows] for k in names[1:]]
     cells = np.stack(cols, axis=1).reshape((-1,) + held.gt.shape[1:])
+    labels = [c + (f"  |  {row_notes[i]}" if i < len(row_notes) else "") for i, c in enumerate(held.captions[:rows])]
     grid_path = os.path.join(out_dir, "grid.png")
     grid = make_labelled_grid(_upscale(cells, max(1, 96 // held.gt.shape[1])), [GRID_COLUMNS[k] for k in names],
-                              held.captions[:rows])
+                              labels)
     save_png(grid_path, grid)
     with open(os.path.join(out_dir, "grid_prompts.txt"), "w") as fh:
         fh.write("columns: " + ", ".join(GRID_COLUMNS[k] for k in names) + "\n")
-        fh.writelines(f"row {i}: {c}\n" for i, c in enumerate(held.captions[:rows]))
+        fh.writelines(f"row {i}: {c}\n" for i, c in enumerate(labels))
     return grid_path
 
 
-def evaluate_demo(demo, configs: dict, workdir: str, *, num_prompts: int | None = None) -> dict:
-    """Generate for held-out prompts, score every variant, write the grid; returns the report dict."""
+def evaluate_demo(demo, configs: dict, workdir: str, *, num_prompts: int | None = None,
+                  row_notes: Sequence[str] = ()) -> dict:
+    """Generate for held-out prompts, score every variant, write the grid (``row_notes``: a line of text per grid
+    row, e.g. questions answered about its image); returns the report dict."""
 
     g = demo.generate
     out_dir = os.path.join(os.path.abspath(workdir), "demo")
@@ -429,7 +458,7 @@ def evaluate_demo(demo, configs: dict, workdir: str, *, num_prompts: int | None 
         reports["reconstruction"] = score(variants["reconstruction"], held.specs)
     reports["ground_truth"] = score(held.gt, held.specs)
 
-    grid_path = write_grid(out_dir, held, variants, min(int(g.grid_prompts), n))
+    grid_path = write_grid(out_dir, held, variants, min(int(g.grid_prompts), n), row_notes)
     for name, ims in variants.items():
         np.save(os.path.join(out_dir, f"images_{name}.npy"), ims)
     return {
@@ -446,6 +475,67 @@ def evaluate_demo(demo, configs: dict, workdir: str, *, num_prompts: int | None 
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# understanding, before and after the generation branch was trained
+
+def evaluate_understanding(demo, workdir: str, *, fast: bool = False) -> dict:
+    """Questions about held-out images (shapes ``test`` split, the ViT view) answered by the understanding phase's
+    model (BEFORE) and by the mllm phase's frozen Qwen2.5-VL (AFTER): accuracy per attribute, the bit-identity
+    check, and the answers about the first images (the grid's rows)."""
+    n = int(demo.eval.understanding_images)
+    n = min(n, 16) if fast else n
+    held = held_out_prompts(demo, n, out_resolution=int(demo.data.vae_resolution),
+                            vit_resolution=int(demo.models.vision_resolution))
+    t0 = time.perf_counter()
+    r = before_after(workdir, held.vit_views, held.specs, seed=int(demo.seed))
+    seconds = time.perf_counter() - t0
+    rows = int(demo.generate.grid_prompts)
+    examples = [dict(row, answer_after=after["answer"]) for row, after in zip(r["before"].rows, r["after"].rows)
+                if row["image"] < rows]
+    _log(f"understanding on {n} held-out images: before {_accuracy_words(r['before'].accuracy)}; after "
+         f"{_accuracy_words(r['after'].accuracy)}; {r['answers_identical']}/{r['answers']} answers and "
+         f"{r['weights'] - len(r['weights_differing'])}/{r['weights']} weights identical ({seconds:.0f} s)")
+    return {"num_images": n, "before": r["before"].to_json(), "after": r["after"].to_json(),
+            "identical": bool(r["identical"]), "answers_identical": r["answers_identical"], "answers": r["answers"],
+            "weights": r["weights"], "weights_differing": r["weights_differing"], "seconds": seconds,
+            "examples": examples}
+
+
+def _accuracy_words(acc: dict) -> str:
+    return ", ".join(f"{k} {v:.2f}" for k, v in acc.items())
+
+
+def understanding_notes(und: dict, rows: int) -> list[str]:
+    """One line per grid row: the colour and shape questions about its image and the answer (after = before)."""
+    notes = []
+    for i in range(rows):
+        qa = [f"{e['question']} -> {e['answer_after']!r}" for e in und["examples"]
+              if e["image"] == i and e["kind"] in ("color", "shape")]
+        notes.append("; ".join(qa))
+    return notes
+
+
+def format_understanding(und: dict) -> list[str]:
+    lines = [f"understanding: questions about {und['num_images']} held-out images (unseen colour-shape pairs), "
+             f"greedy answers, exact match (accuracy / chance):"]
+    kinds = list(und["before"]["accuracy"])
+    lines.append(f"  {'':<15}" + "".join(f"{k:>10}" for k in kinds))
+    chance = und["before"]["chance"]
+    lines.append(f"  {'chance':<15}" + "".join(f"{chance[k]:>10.3f}" if k in chance else f"{'-':>10}"
+                                              for k in kinds))
+    for name in ("before", "after"):
+        acc = und[name]["accuracy"]
+        lines.append(f"  {name:<15}" + "".join(f"{acc[k]:>10.3f}" for k in kinds))
+    lines.append(f"  before = the understanding phase's model; after = the mllm phase's MLLM (its frozen base) after "
+                 f"the generation branch trained:")
+    lines.append(f"  {und['answers_identical']}/{und['answers']} answers and "
+                 f"{und['weights'] - len(und['weights_differing'])}/{und['weights']} weights bit-identical"
+                 + ("" if und["identical"] else "  <-- NOT IDENTICAL"))
+    for e in und["examples"][:6]:
+        lines.append(f"  image {e['image']}: {e['question']} -> {e['answer_after']!r} (truth {e['truth']!r})")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # summary
 
 def format_summary(report: dict, phases: dict, workdir: str, *, total_seconds: float, fast: bool) -> str:
@@ -459,8 +549,9 @@ def format_summary(report: dict, phases: dict, workdir: str, *, total_seconds: f
         loss = m.get("loss")
         how = (f"trained {p['seconds']:.0f} s" if p["status"] == "trained"
                else "reused" + (f" (trained in {p['trained_seconds']:.0f} s)" if p.get("trained_seconds") else ""))
-        lines.append(f"  {name:<11} {p['steps']:>5} steps  {how:<28}"
+        lines.append(f"  {name:<13} {p['steps']:>5} steps  {how:<28}"
                      + (f" final loss {loss:.4g}" if loss is not None else "") + f"   {w}/{name}/checkpoints")
+    lines += format_understanding(ev["understanding"]) if ev.get("understanding") else []
     s = ev["seconds_per_image"]
     lines.append(f"generation: {ev['num_prompts']} held-out prompts (unseen colour-shape pairs), "
                  f"{ev['image_size'][0]}x{ev['image_size'][1]} px, MAR {ev['sampling']['mar_steps']} steps, "
@@ -481,8 +572,8 @@ def format_summary(report: dict, phases: dict, workdir: str, *, total_seconds: f
                  "off;")
     lines.append("  reconstruction = the ground-truth image's ViT latents -> ControlNet + FLUX; ground_truth = the "
                  "real images")
-    lines.append("  (the checker's ceiling at this resolution). The ViT is frozen at RANDOM init (nothing "
-                 "pretrained offline).")
+    lines.append("  (the checker's ceiling at this resolution). The ViT is the understanding phase's (pretrained "
+                 "on the shapes data).")
     if ev.get("data_layout"):
         lines.append(f"  Shapes data layout: {ev['data_layout']} (configs/demo.py says why).")
     lines.append("outputs:")
@@ -531,8 +622,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     _log("generating for held-out prompts and scoring")
     t0 = time.perf_counter()
     n = min(int(demo.generate.num_prompts), 16) if args.fast else None
-    report = evaluate_demo(demo, configs, workdir, num_prompts=n)
+    understanding = evaluate_understanding(demo, workdir, fast=args.fast)
+    report = evaluate_demo(demo, configs, workdir, num_prompts=n,
+                           row_notes=understanding_notes(understanding, int(demo.generate.grid_prompts)))
     report["seconds_generate_and_score"] = time.perf_counter() - t0
+    report["understanding"] = understanding
     total = time.perf_counter() - t_start
     report.update(phases=phases, total_seconds=total, fast=bool(args.fast), workdir=workdir,
                   demo_config=json.loads(demo.to_json()))
@@ -541,6 +635,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with open(os.path.join(workdir, "demo", "summary.txt"), "w") as fh:
         fh.write(summary + "\n")
     print(summary, flush=True)
+    if not understanding["identical"]:
+        raise SystemExit("the mllm phase changed the understanding path (see 'understanding' in report.json): "
+                         "its text tokens must use the frozen base weights only")
     return 0
 
 

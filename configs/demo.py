@@ -1,10 +1,11 @@
 """The embedded default: the whole Bifrost-1 system, tiny, trained from scratch on CPU on the built-in shapes data.
 
 ONE file describes the demo: the model sizes every phase shares, per-phase steps / batch / learning rate, and the
-generation and evaluation settings. ``bifrost_jax.demo`` turns it into the configs of the four phases
-(``configs/{vae,flux,controlnet,mllm}.py``, whose other settings are kept) and runs them in order:
+generation and evaluation settings. ``bifrost_jax.demo`` turns it into the configs of the five phases
+(``configs/{understanding,vae,flux,controlnet,mllm}.py``, whose other settings are kept) and runs them in order:
 
-    vae -> flux -> controlnet (FLUX and VAE from the two phases before) -> mllm -> generate + score
+    understanding -> vae -> flux -> controlnet (FLUX and VAE from the phases before, the ViT from understanding)
+    -> mllm (ViT and frozen language model from understanding) -> understanding before/after + generate + score
 
 Data: the shapes dataset in its "fixed" layout (``data/shapes.fixed_placement``): the caption fixes where each
 object goes, up to a +-2% jitter. The MLLM regresses CLIP latents with an MSE (docs/design.md §6), so with random positions its
@@ -16,9 +17,11 @@ Geometry (docs/design.md §7.1 item 3, the grids must align): shapes images rend
 2 -> 16x16x4 latents -> 2x2 packing -> 8x8 = 64 FLUX tokens; ViT view 112 px -> 8x8 patches of 14 px -> 2x2 merge
 -> 4x4 = N = 16 CLIP latents -> the ControlNet's 2x upsampler -> 8x8 = the FLUX token grid.
 
-The ViT (Qwen2.5-VL architecture) stays FROZEN AT ITS RANDOM INIT (nothing pretrained exists offline): its latents
-are still a deterministic feature map of the image, which is all the ControlNet and the MLLM need here. The T5 and
-CLIP text encoders are frozen random too; the word tokenizer is built from the dataset vocabulary.
+Nothing pretrained exists offline, so the ``understanding`` phase stands in for Qwen2.5-VL's own pretraining: the
+Qwen2.5-VL-architecture model (ViT + merger + language model) learns to answer questions about the shapes images
+(``data/shapes_qa.py``). Its ViT is the vision tower whose latents the ControlNet reads and the MLLM predicts; its
+language model is the MLLM's frozen base, the generation branch its copy. The T5 and CLIP text encoders stay frozen
+at a random init; the word tokenizer is built from the dataset vocabulary (questions included).
 
 With ``--config.decoder=unet`` a Stable Diffusion-architecture UNet (``models.unet``, trained from scratch by the
 ``unet`` phase) replaces FLUX and the latent UNet ControlNet steers it (docs/unet.md):
@@ -67,8 +70,16 @@ def get_config():
                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64, attention_head_dim=4,
                   norm_num_groups=16)
     m.unet_controlnet_channels = (32, 32)
+    # the language model of the understanding phase and the mllm phase's frozen base (embeddings tied, as
+    # Qwen2.5-VL-3B: the MLLM then holds the whole text path)
+    # M-RoPE: a head of 16 has 8 frequency pairs; at Qwen's theta 1e6 with (4, 2, 2) the ones given to the image
+    # rows and columns turn by 1e-3 rad per cell or less, so where an object sits barely reaches attention.
+    # theta 10 with (2, 3, 3) turns them by 0.13 to 0.56 rad per cell (benchmarks/RESULTS.md, understanding phase).
     m.mllm_text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=128, rope_theta=1e6, mrope_section=(4, 2, 2))
+                       num_key_value_heads=2, vocab_size=128, rope_theta=10.0, mrope_section=(2, 3, 3),
+                       tie_word_embeddings=True)
+    m.understanding_max_length = 64  # one image (16 tokens), a question and its answer in the chat template
+    m.understanding_questions_per_image = 1  # > 1: a conversation of that many turns per image
     m.mllm_max_prompt_length = 48
     c.models = m
 
@@ -79,8 +90,8 @@ def get_config():
     # final loss 0.0134 against 0.0170 at 1e-3, held-out colour 0.84 against 0.75 (same diffusion checkpoints,
     # MAR 1; benchmarks/RESULTS.md "The embedded default, sized for 10 minutes").
     c.phases = ml_collections.ConfigDict()
-    for name, steps, batch, lr in (("vae", 600, 32, 2e-3), ("flux", 600, 64, 2e-3), ("unet", 600, 64, 2e-3),
-                                   ("controlnet", 500, 32, 1e-3), ("mllm", 3000, 32, 2e-3)):
+    for name, steps, batch, lr in (("understanding", 600, 32, 2e-3), ("vae", 600, 32, 2e-3), ("flux", 600, 64, 2e-3),
+                                   ("unet", 600, 64, 2e-3), ("controlnet", 500, 32, 1e-3), ("mllm", 3000, 32, 2e-3)):
         c.phases[name] = ml_collections.ConfigDict(dict(steps=steps, batch_size=batch, lr=lr, warmup_steps=50))
     # the unconditional prompt "" (MLLM classifier-free guidance, generate.mllm_cfg > 1) must be seen in training
     c.phases.mllm.text_dropout = 0.1
@@ -101,5 +112,6 @@ def get_config():
                                                 mllm_cfg=1.0, flux_steps=12, guidance=3.5, conditioning_scale=1.0,
                                                 grid_prompts=16, batch=32))
     # also score FLUX alone (text only, ControlNet off) and reconstruction (GT image -> ViT -> ControlNet + FLUX)
-    c.eval = ml_collections.ConfigDict(dict(flux_alone=True, reconstruction=True))
+    # understanding before/after: questions about this many held-out images (shapes "test" split)
+    c.eval = ml_collections.ConfigDict(dict(flux_alone=True, reconstruction=True, understanding_images=128))
     return c

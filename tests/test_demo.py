@@ -1,6 +1,7 @@
-"""Smoke run of the demo orchestration (``bifrost demo``): every phase a couple of steps, generation for 2 held-out
-prompts, the report written; a second run reuses every finished phase (no retraining), ``--force`` retrains a phase
-and its dependents, and a changed config is refused instead of silently mixing checkpoints.
+"""Smoke run of the demo orchestration (``bifrost demo``): every phase (understanding included) a couple of steps,
+generation for 2 held-out prompts, understanding before/after on held-out images, the report written; a second
+run reuses every finished phase (no retraining), ``--force`` retrains a phase and its dependents, and a changed
+config is refused instead of silently mixing checkpoints.
 
 Numbers here mean nothing (2 steps); the demo's real scores are in its summary / benchmarks/RESULTS.md.
 """
@@ -21,7 +22,7 @@ GENERATE_TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__f
 SMOKE = ["--fast", "--no-progress", "--config.fast_fraction=0.0001",  # -> 2 steps per phase
          "--config.data.train_size=32", "--config.generate.num_prompts=2", "--config.generate.batch=2",
          "--config.generate.grid_prompts=2", "--config.generate.flux_steps=2", "--config.generate.mar_steps=2",
-         "--config.log_every=1"]
+         "--config.log_every=1", "--config.eval.understanding_images=2"]
 for _phase in demo.PHASE_ORDER:  # 8 simulated devices: one row each
     SMOKE.append(f"--config.phases.{_phase}.batch_size=8")
 
@@ -70,7 +71,7 @@ def test_first_run_trains_every_phase_and_reports(first_run):
     w = first_run
     with open(os.path.join(w, "demo", "report.json")) as fh:
         report = json.load(fh)
-    assert [report["phases"][p]["status"] for p in demo.PHASE_ORDER] == ["trained"] * 4
+    assert [report["phases"][p]["status"] for p in demo.PHASE_ORDER] == ["trained"] * 5
     for name in demo.PHASE_ORDER:
         assert report["phases"][name]["steps"] == 2
         assert demo.latest_step(w, name) == 2
@@ -100,7 +101,19 @@ def test_first_run_trains_every_phase_and_reports(first_run):
     assert report["seconds_per_image"]["mllm"] > 0 and report["seconds_per_image"]["diffusion"] > 0
     with open(os.path.join(w, "demo", "summary.txt")) as fh:
         summary = fh.read()
-    assert "chance" in summary and report["grid"] in summary and "RANDOM init" in summary
+    assert "chance" in summary and report["grid"] in summary and "understanding phase's" in summary
+    # understanding before/after: per attribute beside chance, every answer and weight bit-identical
+    und = report["understanding"]
+    assert und["num_images"] == 2 and und["identical"] and und["answers_identical"] == und["answers"] > 0
+    assert und["weights"] > 0 and und["weights_differing"] == []
+    for name in ("before", "after"):
+        assert set(und[name]["accuracy"]) >= {"color", "shape", "count"}
+        assert all(0.0 <= v <= 1.0 for v in und[name]["accuracy"].values())
+    assert und["before"] == und["after"] and und["before"]["chance"]["color"] == pytest.approx(1 / 6)
+    assert "bit-identical" in summary and und["examples"] and all(e["answer"] == e["answer_after"]
+                                                                  for e in und["examples"])
+    with open(os.path.join(w, "demo", "grid_prompts.txt")) as fh:
+        assert "what color" in fh.read()
 
 
 def test_controlnet_and_mllm_trained_on_the_cached_vit_latents(first_run):
@@ -131,7 +144,7 @@ def test_second_run_reuses_finished_phases(first_run):
     assert demo.main(["--workdir", w] + SMOKE) == 0
     with open(os.path.join(w, "demo", "report.json")) as fh:
         report = json.load(fh)
-    assert [report["phases"][p]["status"] for p in demo.PHASE_ORDER] == ["reused"] * 4
+    assert [report["phases"][p]["status"] for p in demo.PHASE_ORDER] == ["reused"] * 5
     assert _checkpoint_steps(w) == before  # no checkpoint rewritten
     assert {n: _metrics_lines(w, n) for n in demo.PHASE_ORDER} == lines  # no training step logged
 
@@ -164,6 +177,7 @@ def test_generate_from_the_demo_workdir_with_no_config(first_run, tmp_path):
 
 
 def test_force_closure():
+    assert demo.phases_to_force(["understanding"]) == {"understanding", "controlnet", "mllm"}
     assert demo.phases_to_force(["vae"]) == {"vae", "flux", "controlnet"}
     assert demo.phases_to_force(["flux"]) == {"flux", "controlnet"}
     assert demo.phases_to_force(["mllm"]) == {"mllm"}
@@ -175,11 +189,12 @@ def test_force_retrains_only_the_forced_phases(first_run):
     configs = demo.phase_configs(demo.load_demo_config(SMOKE[2:]), w, fast=True)
     before = _checkpoint_steps(w)
     out = demo.run_phases(configs, w, force=["mllm"], progress_bar=False)  # the cheapest phase to retrain
-    assert {n: out[n]["status"] for n in demo.PHASE_ORDER} == {"vae": "reused", "flux": "reused",
+    assert {n: out[n]["status"] for n in demo.PHASE_ORDER} == {"understanding": "reused", "vae": "reused",
+                                                               "flux": "reused",
                                                                "controlnet": "reused", "mllm": "trained"}
     after = _checkpoint_steps(w)
-    assert {n: after[n] for n in ("vae", "flux", "controlnet")} == {n: before[n] for n in ("vae", "flux",
-                                                                                          "controlnet")}
+    kept = ("understanding", "vae", "flux", "controlnet")
+    assert {n: after[n] for n in kept} == {n: before[n] for n in kept}
     assert after["mllm"] != before["mllm"]
 
 
@@ -197,6 +212,10 @@ def test_phase_configs_align_the_grids():
     assert (2 * cn.clip_grid[0]) * (2 * cn.clip_grid[1]) == cn.num_img_tokens
     assert tuple(mllm.mllm_config.image_grid) == cn.clip_grid
     assert configs["controlnet"].flux.init_from.endswith(os.path.join("flux", "checkpoints"))
+    # the ViT the controlnet and mllm phases read, and the MLLM's frozen base, are the understanding phase's
+    und = os.path.join("understanding", "checkpoints")
+    assert configs["controlnet"].vision.init_from.endswith(und) and configs["mllm"].vision.init_from.endswith(und)
+    assert configs["mllm"].mllm.base_init_from.endswith(und)
     assert configs["flux"].vae.init_from.endswith(os.path.join("vae", "checkpoints"))
 
 

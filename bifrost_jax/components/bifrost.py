@@ -68,6 +68,14 @@ class MllmComponent:
     def module(self) -> BifrostMLLM:
         return self.component.module
 
+    @property
+    def base_init_from(self) -> str:
+        return self.component.section.get("base_init_from", "") or ""
+
+    @property
+    def has_source(self) -> bool:
+        return self.component.has_source or bool(self.base_init_from)
+
 
 def mllm_component(section) -> MllmComponent:
     """``BifrostMLLM`` of ``config.mllm``: ``config`` = {text: QwenTextConfig fields (empty: the Qwen2.5-VL
@@ -118,15 +126,21 @@ def mllm_init(mllm: MllmComponent, rng):
 
 def load_mllm(mllm: MllmComponent, abstract, shardings) -> dict:
     """The MLLM's pretrained params (a tree like ``abstract``, possibly partial), on ``shardings``: every weight from
-    an official Bifrost-1 checkpoint or its port; or the frozen language model from a Qwen2.5-VL directory or port
+    an official Bifrost-1 checkpoint or its port; or the frozen language model from a Qwen2.5-VL directory or port,
+    or from another phase's checkpoint (``base_init_from``: the understanding phase's ``params.language_model``),
     with the branch copied from it; then ``init_from`` (another mllm run's checkpoint) for the TRAINED weights
     (branch, head, mask token, position embedding). {} without a source."""
     s = mllm.component.section
     out = {}
+    if mllm.component.port_dir and mllm.base_init_from:
+        raise ValueError(f"config.mllm.port_dir={mllm.component.port_dir} and config.mllm.base_init_from="
+                         f"{mllm.base_init_from} both name the frozen language model: keep one")
     if mllm.component.port_dir and mllm.official:
         out = _load_official(mllm, abstract, shardings)
     elif mllm.component.port_dir:
         out = _load_text(mllm, abstract, shardings)
+    elif mllm.base_init_from:
+        out = _load_base_from_phase(mllm, abstract, shardings)
     if mllm.component.init_from:
         trained = {k: v for k, v in flat_paths(abstract).items() if mllm_is_trainable(k)}
         sub = {"params": {"mllm": traverse_util.unflatten_dict(trained)}}
@@ -149,13 +163,25 @@ def _load_official(mllm: MllmComponent, abstract, shardings):
     return place(variables["mllm"]["params"], abstract, shardings, f"{what} (base {mllm.base_dir})")
 
 
+def _original_weights(abstract, shardings):
+    """(abstract, shardings) of the frozen language model's weights only (the QwenLanguageModel layout)."""
+    flat_a, flat_s = traverse_util.flatten_dict(abstract), traverse_util.flatten_dict(shardings)
+    orig = [k for k in flat_a if not mllm_is_trainable(tuple(k))]
+    return (traverse_util.unflatten_dict({k: flat_a[k] for k in orig}),
+            traverse_util.unflatten_dict({k: flat_s[k] for k in orig}))
+
+
+def _with_branch(loaded, shardings):
+    """The loaded original weights plus the generation branch as their copy, on ``shardings``."""
+    flat_s = traverse_util.flatten_dict(shardings)
+    with_branch = traverse_util.flatten_dict(init_branch_from_original(dict(loaded)))
+    return traverse_util.unflatten_dict({k: jax.device_put(v, flat_s[k]) for k, v in with_branch.items()})
+
+
 def _load_text(mllm: MllmComponent, abstract, shardings):
     """The frozen language model (original weights) from a Qwen2.5-VL directory or port, the branch copied from it."""
     path = mllm.component.port_dir
-    flat_a, flat_s = traverse_util.flatten_dict(abstract), traverse_util.flatten_dict(shardings)
-    orig = [k for k in flat_a if not mllm_is_trainable(tuple(k))]
-    orig_a = traverse_util.unflatten_dict({k: flat_a[k] for k in orig})
-    orig_s = traverse_util.unflatten_dict({k: flat_s[k] for k in orig})
+    orig_a, orig_s = _original_weights(abstract, shardings)
     if is_orbax_port(path):
         loaded = restore_orbax_port(path, ("qwen2.5-vl",), ("params", "language_model"), orig_a, orig_s,
                                     "config.mllm.port_dir")
@@ -167,6 +193,13 @@ def _load_text(mllm: MllmComponent, abstract, shardings):
         loaded = load_mapped(reader, key_map, orig_a, dtype=abstract_dtype({"params": orig_a}), shardings=orig_s,
                              what=f"config.mllm.port_dir={path}",
                              ignore_unused=lambda k: not k.startswith(prefix) or k.startswith(f"{prefix}visual."))
-    with_branch = traverse_util.flatten_dict(init_branch_from_original(dict(loaded)))
-    return traverse_util.unflatten_dict({k: jax.device_put(v, flat_s[k]) for k, v in with_branch.items()})
+    return _with_branch(loaded, shardings)
 
+
+def _load_base_from_phase(mllm: MllmComponent, abstract, shardings):
+    """The frozen language model from another phase's checkpoint (``params.language_model``, every weight of it
+    used), the branch copied from it: the paper's initialisation from an MLLM that already understands images."""
+    orig_a, orig_s = _original_weights(abstract, shardings)
+    got = restore_phase_checkpoint(mllm.base_init_from, -1, {"params": ("language_model",)},
+                                   {"params": {"language_model": orig_a}}, {"params": {"language_model": orig_s}})
+    return _with_branch(got["params"]["language_model"], shardings)

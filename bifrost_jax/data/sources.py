@@ -16,12 +16,14 @@ from bifrost_jax.data.imagenet import ImageNetSource
 from bifrost_jax.data.latent_cache import check_cache
 from bifrost_jax.data.pipeline import make_train_iterator
 from bifrost_jax.data.preprocess import as_text, crop_box, decode_image, element_name, resize_crop
+from bifrost_jax.data.shapes_qa import QA_WORDS
 from bifrost_jax.data.tokenizers import ensure_word_tokenizer
 
 
 def shapes_vocabulary() -> list[str]:
     words = ["a", "an"] + list(shapes.COLORS) + list(shapes.SHAPES) + [s + "s" for s in shapes.SHAPES]
-    return words + list(shapes.RELATIONS) + list(shapes.NUMBER_WORDS)
+    # the understanding phase's questions (data/shapes_qa.py) after the caption words: caption ids stay put
+    return words + list(shapes.RELATIONS) + list(shapes.NUMBER_WORDS) + list(QA_WORDS)
 
 
 def image_source(data):

@@ -70,17 +70,31 @@ def _configured_pad_token(directory: str) -> str | None:
 
 
 def ensure_word_tokenizer(directory: str, words: Iterable[str]) -> str:
-    """``directory`` holding the word-level tokenizer of ``words`` (built if absent; tiny configs and demos).
-    The build is deterministic, so concurrent or repeated builds write the same file."""
-    if not os.path.isfile(os.path.join(directory, "tokenizer.json")):
-        tmp = f"{directory}.tmp{os.getpid()}"
-        build_word_tokenizer(list(words), tmp)
-        os.makedirs(os.path.dirname(os.path.abspath(directory)), exist_ok=True)
-        try:
-            os.replace(tmp, directory)
-        except OSError:  # another process won the race: keep its copy
-            shutil.rmtree(tmp, ignore_errors=True)
+    """``directory`` holding the word-level tokenizer of ``words`` (tiny configs and demos): built if absent, and
+    rebuilt if it was built from another vocabulary (a workdir made before words were added; words are appended,
+    so the ids of the old ones stay put). The build is deterministic, so concurrent or repeated builds write the
+    same file."""
+    tmp = f"{directory}.tmp{os.getpid()}"
+    build_word_tokenizer(list(words), tmp)
+    current = os.path.join(directory, "tokenizer.json")
+    if os.path.isfile(current) and _same_file(current, os.path.join(tmp, "tokenizer.json")):
+        shutil.rmtree(tmp, ignore_errors=True)
+        return directory
+    os.makedirs(os.path.dirname(os.path.abspath(directory)), exist_ok=True)
+    stale = f"{directory}.stale{os.getpid()}"
+    if os.path.isdir(directory):
+        os.replace(directory, stale)
+    try:
+        os.replace(tmp, directory)
+    except OSError:  # another process won the race: keep its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(stale, ignore_errors=True)
     return directory
+
+
+def _same_file(a: str, b: str) -> bool:
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        return fa.read() == fb.read()
 
 
 def hf_tokenizer(path: str, max_length: int) -> Callable[[Sequence[str]], np.ndarray]:

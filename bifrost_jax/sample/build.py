@@ -141,7 +141,7 @@ def _mllm_variables(placer: _Placer, mllm: MllmComponent):
     init_fn = lambda r: mllm_init(mllm, r)  # noqa: E731
     abstract = placer.abstract(init_fn)["params"]
     loaded = {}
-    if comp.has_source:
+    if mllm.has_source:
         loaded = load_mllm(mllm, abstract, jax.tree.map(lambda a: a.sharding, abstract))
     flat = traverse_util.flatten_dict(loaded)
     if flat and set(flat) == set(traverse_util.flatten_dict(abstract)):

@@ -24,7 +24,8 @@ class MllmPhase(Phase):
     """Stage B (docs/design.md §6): ``BifrostMLLM``'s generation branch regresses the frozen vision tower's CLIP latents.
 
     Config: ``mllm`` (config: {text: QwenTextConfig fields, num_image_tokens, image_grid, mask_ratio_*};
-    tokenizer_dir, max_prompt_length, dtypes, scan_layers, remat_policy, port_dir: a transformers Qwen2.5-VL
+    tokenizer_dir, max_prompt_length, dtypes, scan_layers, remat_policy, base_init_from: the understanding
+    phase's checkpoint (its frozen language model, the branch its copy), port_dir: a transformers Qwen2.5-VL
     directory (text weights) or a ``bifrost port`` Orbax dir, init_from), ``vision`` (as the controlnet phase;
     its port_dir defaults to mllm.port_dir), ``model.per_example_ratio``, ``data`` (text_dropout: probability of the
     "" caption, precomputed_clip_latents). The branch is a copy of the original weights AFTER they are loaded.
@@ -66,7 +67,7 @@ class MllmPhase(Phase):
         # a Bifrost-1 checkpoint holds the head, mask token and position embedding too
         out = [] if self.official else [("params", "mllm", k) for k in ("vision_head", "mask_token",
                                                                          "learnable_pos_emb")]
-        if not self.mllm.has_source:
+        if not self.mllm_component.has_source:
             out.append(("params", "mllm"))
         if not self.use_cache and not self.vision.has_source:
             out.append(("params", "vision"))

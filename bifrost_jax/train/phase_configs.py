@@ -101,10 +101,20 @@ def tiny_vision_section():
     return section(TINY_VISION, resolution=112)
 
 
+def tiny_language_section():
+    """The understanding phase's language model: the tiny MLLM's, embeddings tied (as Qwen2.5-VL-3B), so that the
+    mllm phase's copy of it is the whole text path."""
+    return section(dict(TINY_MLLM_TEXT, tie_word_embeddings=True), tokenizer_dir="", max_length=64,
+                   questions_per_image=1)
+
+
 def tiny_mllm_section():
     return section(dict(text=TINY_MLLM_TEXT, num_image_tokens=16, image_grid=(4, 4), mask_ratio_min=0.7,
                          mask_ratio_max=1.0, mask_ratio_mean=1.0, mask_ratio_std=0.25),
-                    tokenizer_dir="", max_prompt_length=48)
+                    tokenizer_dir="", max_prompt_length=48,
+                    # another phase's checkpoint (the understanding phase's) holding the frozen language model
+                    # ("params.language_model"); the branch starts as its copy
+                    base_init_from="")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from bifrost_jax.train.flux_phases import ControlNetPhase, FluxPhase
 from bifrost_jax.train.mllm_phase import MllmPhase
 from bifrost_jax.train.phases import Phase
 from bifrost_jax.train.toy import ToyPhase
+from bifrost_jax.train.understanding_phase import UnderstandingPhase
 from bifrost_jax.train.unet_phases import UNetControlNetPhase, UNetPhase
 from bifrost_jax.train.vae_phase import VaePhase
 
@@ -17,6 +18,7 @@ PHASES: dict[str, type[Phase]] = {
     "controlnet": ControlNetPhase,
     "mllm": MllmPhase,
     "unet": UNetPhase,
+    "understanding": UnderstandingPhase,
 }
 # phases that exist per diffusion decoder (``config.decoder``, default "flux")
 DECODER_PHASES: dict[str, dict[str, type[Phase]]] = {"controlnet": {"flux": ControlNetPhase,
