@@ -7,7 +7,8 @@ by exact match of the normalised answer; accuracy per attribute beside its chanc
 * BEFORE: the ``understanding`` phase's checkpoint (its ViT + language model as trained).
 * AFTER: the ``mllm`` phase's MLLM with its trained generation branch. Its understanding path is its FROZEN
   Qwen2.5-VL: the original language-model weights of the Bifrost MLLM (``port.bifrost.vl_params_from``) and the
-  mllm phase's vision tower, as that run holds them (``train.export.phase_variables``); an untied LM head, which
+  mllm phase's vision tower, as that run holds them (``train.export.phase_variables``) or, trained on cached CLIP
+  latents, as its config loads it (``train.export.frozen_vision``); an untied LM head, which
   the Bifrost MLLM does not hold, is the understanding checkpoint's. Text tokens never meet the branch, so the
   answers must be bit-identical: ``before_after`` compares every generated token and every frozen weight.
 """
@@ -25,7 +26,7 @@ from bifrost_jax.data.shapes import SceneSpec
 from bifrost_jax.data.shapes_qa import QUESTION_KINDS, chance_levels, evaluation_questions, normalize_answer
 from bifrost_jax.port.bifrost import vl_params_from
 from bifrost_jax.sample.text import DecodeOptions, TextGenerator
-from bifrost_jax.train.export import phase_variables
+from bifrost_jax.train.export import frozen_vision, phase_variables
 
 MAX_NEW_TOKENS = 16  # the longest answer (a relation caption) is 10 words + <|im_end|>
 
@@ -79,10 +80,10 @@ def bifrost_understanding_variables(workdir: str, model, before_params, *, mesh=
     if phase.mllm_config.text != model.config.text:
         raise ValueError(f"the mllm phase's language model {phase.mllm_config.text} is not the understanding "
                          f"model's {model.config.text}")
-    if "vision" not in variables["params"]:
-        raise ValueError(f"{workdir}/mllm was trained on cached CLIP latents: it holds no vision tower to answer with")
     params = variables["params"]
-    return {"params": vl_params_from(params["mllm"], params["vision"], before_params.get("lm_head"))}
+    # trained on cached CLIP latents, the phase holds no vision tower: the one it was configured with (and cached)
+    vision = params["vision"] if "vision" in params else frozen_vision(phase)["params"]
+    return {"params": vl_params_from(params["mllm"], vision, before_params.get("lm_head"))}
 
 
 def _identical_weights(a, b) -> tuple[int, list[str]]:

@@ -86,7 +86,7 @@ def pipeline_from_workdir(workdir: str, *, options: Optional[SamplingOptions] = 
     c = cn.config
     vision_vars: Any = _component(cn_vars, "vision") or _component(mllm_vars, "vision")
     if not vision_vars:  # both phases read CLIP latents from a cache: the tower they were built with
-        vision_vars = _frozen_vision(mp)
+        vision_vars = frozen_vision(mp)
     m = mp.config
     tokenizer = load_tokenizer(m.mllm.tokenizer_dir or word_tokenizer_dir(m.data, None))
     shared = dict(controlnet=cn.controlnet.module, controlnet_variables=_component(cn_vars, "controlnet"),
@@ -123,7 +123,7 @@ def _unet_pipeline(cn: Phase, cn_vars: dict, shared: dict) -> UNetBifrostPipelin
                                encode_text=encode_text, scheduler=scheduler, **shared)
 
 
-def _frozen_vision(phase: Phase) -> dict:
+def frozen_vision(phase: Phase) -> dict:
     """The vision tower of a phase that did not hold it (CLIP-latent cache): its configured weights."""
     config = phase.config.copy_and_resolve_references()
     config.data.precomputed_clip_latents = ""
