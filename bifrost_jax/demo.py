@@ -230,10 +230,11 @@ def _log(msg: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def phases_to_force(force: Sequence[str]) -> set[str]:
-    """``force`` and every phase that starts (transitively) from one of them."""
+def phases_to_force(force: Sequence[str], order: Sequence[str] = PHASE_ORDER) -> set[str]:
+    """``force`` and every phase of ``order`` (the run's phases, dependencies first) that starts (transitively)
+    from one of them."""
     forced = set()
-    for name in DEPENDS_ON:  # dependencies first
+    for name in order:
         if name in force or any(d in forced for d in DEPENDS_ON[name]):
             forced.add(name)
     return forced
@@ -242,7 +243,7 @@ def phases_to_force(force: Sequence[str]) -> set[str]:
 def run_phases(configs: dict, workdir: str, *, force: Sequence[str] = (), progress_bar: bool = True) -> dict:
     """Train every phase not yet finished; returns ``{phase: {"status", "seconds", "steps", "last_metrics"}}``."""
 
-    forced = phases_to_force(force)
+    forced = phases_to_force(force, tuple(configs))
     records_path = os.path.join(os.path.abspath(workdir), "demo", "phases.json")
     records = _read_json(records_path, {})
     out = {}
