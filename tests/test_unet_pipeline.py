@@ -2,6 +2,7 @@
 phase with ``decoder: unet`` (the latent UNet ControlNet, started from the trained UNet), resumption, and generation
 through the Bifrost pipeline built from the workdir (``pipeline_from_workdir``) and through ``bifrost generate
 --checkpoint``."""
+import dataclasses
 import json
 import os
 import shutil
@@ -106,6 +107,17 @@ def test_controlnet_phase_steers_the_trained_unet(runs, pipe):
     assert heads and all(np.abs(trained[k]).max() > 0 for k in heads)  # the zero convs learned
 
 
+def _unzeroed(variables):
+    """The ControlNet's zero-initialised layers (condition embedding conv_out, zero convs) set to N(0, 0.05)."""
+    flat_vars = traverse_util.flatten_dict(variables)
+    rng = np.random.default_rng(7)
+    zero_init = ("conv_out", "controlnet_down_blocks_", "controlnet_mid_block")
+    out = {k: (jnp.asarray(0.05 * rng.standard_normal(v.shape), v.dtype)
+               if any(z in "/".join(map(str, k)) for z in zero_init) else v) for k, v in flat_vars.items()}
+    assert sum(any(z in "/".join(map(str, k)) for z in zero_init) for k in out) >= 4
+    return traverse_util.unflatten_dict(out)
+
+
 def _sample(pipe, latents, scale, noise, embeds, pooled):
     return pipe.sample_flux(latents, embeds, pooled, noise, flux_steps=3, guidance=2.0, conditioning_scale=scale)
 
@@ -125,6 +137,11 @@ def test_generation_uses_the_condition_and_scale_zero_is_the_unet_alone(pipe):
     # only through two barely-trained zero-initialised layers (the embedding's conv_out, then the zero convs), so
     # the difference is small, but it is exactly zero if the condition is not used (the run is deterministic)
     assert np.abs(np.asarray(other) - np.asarray(x)).max() > 0
+    # with those zero-initialised layers given weights of a trained size, the condition steers the sample
+    steered = dataclasses.replace(pipe, controlnet_variables=_unzeroed(pipe.controlnet_variables))
+    a = np.asarray(_sample(steered, latents, 1.0, noise, embeds, pooled))
+    b = np.asarray(_sample(steered, latents[::-1], 1.0, noise, embeds, pooled))
+    assert np.abs(a - b).max() > 1e-2 * np.abs(a).max()
     # conditioning_scale=0: exactly the UNet alone, with the same text CFG
     off = _sample(pipe, latents, 0.0, noise, embeds, pooled)
     neg, _ = pipe.negative_text(2)
