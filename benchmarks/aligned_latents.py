@@ -178,7 +178,7 @@ def run_variant(demo, workdir: str, variant: str, *, fast: bool, num_prompts, pr
     rms = float(np.sqrt(np.mean(np.square(np.load(cache, mmap_mode="r"))))) if cache else None
     return {"variant": variant, "workdir": workdir, "phases": phases, "latent_rms": rms,
             "scores": {k: v["accuracy"] for k, v in report["scores"].items()}, "chance":
-            report["scores"]["bifrost"]["chance"], "num_prompts": report["num_prompts"], "grid": report["grid"]}
+            report["scores"]["bifrost"]["chance"], "counts": report["scores"]["bifrost"]["counts"], "num_prompts": report["num_prompts"], "grid": report["grid"]}
 
 
 def _vae_reconstruction_latents(pipe, held):
@@ -190,6 +190,12 @@ def _vae_reconstruction_latents(pipe, held):
 # the table
 
 def format_table(rows: list[dict]) -> str:
+    """Accuracy per attribute ("-": no held-out prompt tests it), final losses, latent RMS; reference rows last."""
+    counts = rows[0]["counts"]
+
+    def cells(acc, width):
+        return "".join(f"{acc[a]:>{width}.3f}" if acc and counts.get(a) else f"{'-':>{width}}" for a in ATTRS)
+
     def loss(r, phase):
         v = (r["phases"].get(phase, {}).get("last_metrics") or {}).get("loss")
         return f"{v:.4g}" if v is not None else "-"
@@ -198,15 +204,14 @@ def format_table(rows: list[dict]) -> str:
     lines = [head]
     for r in rows:
         g, rec = r["scores"]["bifrost"], r["scores"].get("reconstruction", {})
-        lines.append(f"{r['variant']:<15}" + "".join(f"{g[a]:>13.3f}" for a in ATTRS)
-                     + "".join(f"{rec[a]:>15.3f}" if a in rec else f"{'-':>15}" for a in ATTRS)
+        lines.append(f"{r['variant']:<15}" + cells(g, 13) + cells(rec, 15)
                      + f"{loss(r, 'controlnet'):>10}{loss(r, 'mllm'):>11}"
                      + (f"{r['latent_rms']:>8.3f}" if r["latent_rms"] is not None else f"{'-':>8}"))
     refs = {"chance": rows[0]["chance"]}
     for r in rows:
         refs.update({k: v for k, v in r["scores"].items() if k in ("flux_alone", "ground_truth")})
     for k, acc in refs.items():
-        lines.append(f"{k:<15}" + "".join(f"{acc[a]:>13.3f}" for a in ATTRS) + "   (reference)")
+        lines.append(f"{k:<15}" + cells(acc, 13) + "   (reference)")
     return "\n".join(lines)
 
 
