@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 
@@ -60,6 +59,20 @@ SHARED_PHASES = ("understanding", "vae", "flux")
 ATTRS = ("color", "shape", "count", "relation", "overall")
 VAE_SOURCE = ("VAE posterior mean of the VAE view, flow-matching space, space-to-depth onto the CLIP grid "
               "(benchmarks/aligned_latents.py)")
+
+
+def _log(msg: str) -> None:
+    print(f"[aligned_latents {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _read(path: str):
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def _write(path: str, obj) -> None:
+    with open(path, "w") as fh:
+        json.dump(obj, fh, indent=2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -119,9 +132,8 @@ def build_vae_grid_cache(config, controlnet_config) -> dict:
     os.replace(path + ".partial.npy", path)
     info = dict(cache_fields(config, phase.vision, n), shape=list(out.shape),
                 dtype="float32", phase=str(config.phase), latent_source=VAE_SOURCE)
-    with open(sidecar_path(path), "w") as fh:
-        json.dump(info, fh, indent=1, sort_keys=True)
-    demo_lib._log(f"cached the VAE-grid latents {out.shape} in {path} ({time.perf_counter() - t0:.0f} s)")
+    _write(sidecar_path(path), info)
+    _log(f"cached the VAE-grid latents {out.shape} in {path} ({time.perf_counter() - t0:.0f} s)")
     return info
 
 
@@ -140,7 +152,7 @@ def variant_configs(demo, workdir: str, variant: str, *, fast: bool) -> dict:
     configs = demo_lib.phase_configs(demo, workdir, fast=fast)
     if variant != "pretrained_vit":
         for name in ("controlnet", "mllm"):
-            demo_lib._set(configs[name], "vision.init_from", "")
+            configs[name].vision.init_from = ""
     return configs
 
 
@@ -155,10 +167,9 @@ def link_shared(shared_workdir: str, workdir: str) -> None:
     records = os.path.join(shared_workdir, "demo", "phases.json")
     mine = os.path.join(workdir, "demo", "phases.json")
     if os.path.isfile(records):
-        with open(records) as fh:
-            shared = {k: v for k, v in json.load(fh).items() if k in SHARED_PHASES}
-        own = demo_lib._read_json(mine, {})
-        demo_lib._write_json(mine, dict(own, **shared))
+        shared = {k: v for k, v in _read(records).items() if k in SHARED_PHASES}
+        own = _read(mine) if os.path.isfile(mine) else {}
+        _write(mine, dict(own, **shared))
 
 
 def run_variant(demo, workdir: str, variant: str, *, fast: bool, num_prompts, progress_bar: bool) -> dict:
@@ -168,7 +179,7 @@ def run_variant(demo, workdir: str, variant: str, *, fast: bool, num_prompts, pr
     if variant == "vae_latents":
         builder = lambda config: build_vae_grid_cache(config, configs["controlnet"])  # noqa: E731
         recon = _vae_reconstruction_latents
-    demo_lib._log(f"variant {variant}: {workdir}")
+    _log(f"variant {variant}: {workdir}")
     phases = demo_lib.run_phases(configs, workdir, progress_bar=progress_bar, clip_cache_builder=builder)
     ev_demo = demo.copy_and_resolve_references()
     ev_demo.eval.flux_alone = bool(variant == "pretrained_vit" and demo.eval.flux_alone)  # the same FLUX in all
@@ -176,9 +187,10 @@ def run_variant(demo, workdir: str, variant: str, *, fast: bool, num_prompts, pr
                                     reconstruction_latents=recon)
     cache = configs["mllm"].data.precomputed_clip_latents
     rms = float(np.sqrt(np.mean(np.square(np.load(cache, mmap_mode="r"))))) if cache else None
+    ours = report["scores"]["bifrost"]
     return {"variant": variant, "workdir": workdir, "phases": phases, "latent_rms": rms,
-            "scores": {k: v["accuracy"] for k, v in report["scores"].items()}, "chance":
-            report["scores"]["bifrost"]["chance"], "counts": report["scores"]["bifrost"]["counts"], "num_prompts": report["num_prompts"], "grid": report["grid"]}
+            "scores": {k: v["accuracy"] for k, v in report["scores"].items()}, "chance": ours["chance"],
+            "counts": ours["counts"], "num_prompts": report["num_prompts"], "grid": report["grid"]}
 
 
 def _vae_reconstruction_latents(pipe, held):
@@ -245,7 +257,7 @@ def main(argv=None) -> int:
     table = format_table(rows)
     result = {"rows": rows, "table": table, "fast": bool(args.fast), "overrides": rest,
               "seconds": time.perf_counter() - t0, "demo_config": json.loads(demo.to_json())}
-    demo_lib._write_json(os.path.join(root, "aligned_latents.json"), result)
+    _write(os.path.join(root, "aligned_latents.json"), result)
     print(("[--fast: a quick look, not the claim]\n" if args.fast else "") + table, flush=True)
     print(f"written {os.path.join(root, 'aligned_latents.json')} ({result['seconds']:.0f} s)", flush=True)
     return 0

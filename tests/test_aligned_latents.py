@@ -44,7 +44,7 @@ def test_each_variant_reads_the_latents_it_names(tmp_path):
 def test_vae_grid_is_space_to_depth_of_the_posterior_mean():
     rng = np.random.default_rng(0)
     configs = demo.phase_configs(demo.load_demo_config([]), "/nonexistent-demo-workdir")
-    demo._set(configs["controlnet"], "vae.init_from", "")
+    configs["controlnet"].vae.init_from = ""
     cn = ControlNetPhase(configs["controlnet"])
     vae = cn.vae.module
     variables = {"params": nn.meta.unbox(cn.vae.init(None))["params"]}
@@ -64,7 +64,7 @@ def test_vae_grid_is_space_to_depth_of_the_posterior_mean():
 def test_vae_grid_cache_is_read_by_both_phases(tmp_path):
     w = str(tmp_path)
     configs = al.variant_configs(demo.load_demo_config(SMALL), w, "vae_latents", fast=True)
-    demo._set(configs["controlnet"], "vae.init_from", "")  # the fixed-key VAE (no vae phase trained here)
+    configs["controlnet"].vae.init_from = ""  # the fixed-key VAE (no vae phase trained here)
     info = al.build_vae_grid_cache(configs["mllm"], configs["controlnet"])
     path = configs["mllm"].data.precomputed_clip_latents
     assert info["latent_source"].startswith("VAE") and info["shape"] == [8, 16, 64]
