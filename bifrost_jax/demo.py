@@ -240,8 +240,11 @@ def phases_to_force(force: Sequence[str], order: Sequence[str] = PHASE_ORDER) ->
     return forced
 
 
-def run_phases(configs: dict, workdir: str, *, force: Sequence[str] = (), progress_bar: bool = True) -> dict:
-    """Train every phase not yet finished; returns ``{phase: {"status", "seconds", "steps", "last_metrics"}}``."""
+def run_phases(configs: dict, workdir: str, *, force: Sequence[str] = (), progress_bar: bool = True,
+               clip_cache_builder=build_demo_clip_cache) -> dict:
+    """Train every phase not yet finished; returns ``{phase: {"status", "seconds", "steps", "last_metrics"}}``.
+    ``clip_cache_builder(config)`` writes ``config.data.precomputed_clip_latents`` before the first phase that
+    trains on it (default: the frozen ViT's latents)."""
 
     forced = phases_to_force(force, tuple(configs))
     records_path = os.path.join(os.path.abspath(workdir), "demo", "phases.json")
@@ -267,7 +270,7 @@ def run_phases(configs: dict, workdir: str, *, force: Sequence[str] = (), progre
                          "trained_seconds": prev.get("seconds"), "last_metrics": prev.get("last_metrics", {})}
             continue
         if config.data.get("precomputed_clip_latents") and not cache_built:
-            build_demo_clip_cache(config)
+            clip_cache_builder(config)
             cache_built = True
         os.makedirs(phase_dir, exist_ok=True)
         with open(stamp, "w") as fh:
@@ -422,9 +425,10 @@ def write_grid(out_dir: str, held: HeldOut, variants: dict, rows: int, row_notes
 
 
 def evaluate_demo(demo, configs: dict, workdir: str, *, num_prompts: int | None = None,
-                  row_notes: Sequence[str] = ()) -> dict:
+                  row_notes: Sequence[str] = (), reconstruction_latents=None) -> dict:
     """Generate for held-out prompts, score every variant, write the grid (``row_notes``: a line of text per grid
-    row, e.g. questions answered about its image); returns the report dict."""
+    row, e.g. questions answered about its image); returns the report dict. ``reconstruction_latents(pipe, held)``:
+    the (P, N, C) condition of the reconstruction row (default: the pipeline's ViT latents of the ViT views)."""
 
     g = demo.generate
     out_dir = os.path.join(os.path.abspath(workdir), "demo")
@@ -453,7 +457,8 @@ def evaluate_demo(demo, configs: dict, workdir: str, *, num_prompts: int | None 
                                                         conditioning_scale=0.0, clip_latents=zeros, **kw)
         reports["flux_alone"] = score(variants["flux_alone"], held.specs)
     if demo.eval.reconstruction:
-        latents = np.asarray(pipe.clip_latents_of(held.vit_views))
+        latents = np.asarray(pipe.clip_latents_of(held.vit_views) if reconstruction_latents is None
+                             else reconstruction_latents(pipe, held))
         variants["reconstruction"], _, _ = generate_batched(pipe, held.captions, batch, mar_steps=None,
                                                             clip_latents=latents, **kw)
         reports["reconstruction"] = score(variants["reconstruction"], held.specs)

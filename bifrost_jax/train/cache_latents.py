@@ -37,20 +37,19 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def _vision_params(phase, mesh):
-    """The phase's frozen vision-tower params, replicated over ``mesh`` (this host's devices)."""
+def component_params(comp, mesh):
+    """A phase's frozen component's params (the weights the phase would load, or its fixed-key init), replicated
+    over ``mesh`` (this host's devices); returns ``(params, shardings)``."""
 
-
-    comp = phase.vision
     with axis_rules(mesh):
         boxed = jax.eval_shape(comp.init, jax.random.PRNGKey(0))
     shardings = tree_shardings(nn.get_partition_spec(boxed), mesh)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.meta.unbox(boxed),
                             shardings)
     if comp.has_source:
-        got = load_component(comp, {"params": {"vision": abstract["params"]}},
-                             {"params": {"vision": shardings["params"]}})
-        return got["params"]["vision"], shardings["params"]
+        got = load_component(comp, {"params": {comp.name: abstract["params"]}},
+                             {"params": {comp.name: shardings["params"]}})
+        return got["params"][comp.name], shardings["params"]
     # the fixed-key init every phase uses for a vision tower without weights (Component.init ignores the key)
     init = jax.jit(lambda: nn.meta.unbox(comp.init(None))["params"], out_shardings=shardings["params"])
     with axis_rules(mesh):
@@ -86,7 +85,7 @@ def build_clip_cache(config, out: str, *, batch_size: int = 0, dtype: str = "flo
     if gb <= 0 or gb % pc or (gb // pc) % len(devices):
         raise ValueError(f"cache-latents batch size {gb}: each of the {pc} processes takes batch/{pc} rows, which "
                          f"must divide over its {len(devices)} devices (set --batch-size)")
-    params, param_shardings = _vision_params(phase, mesh)
+    params, param_shardings = component_params(phase.vision, mesh)
     r = int(cfg.vision.resolution)
     pix_sharding = NamedSharding(mesh, PartitionSpec("data"))
     vision, grid = phase.vision.module, phase.grid_thw
