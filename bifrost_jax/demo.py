@@ -8,7 +8,8 @@
    per-phase steps / batch / lr). A phase whose final checkpoint exists is reused, not retrained; an interrupted
    one resumes. ``--force PHASE`` retrains it and every phase that depends on it. The ``controlnet`` and ``mllm``
    phases read the frozen ViT's latents from ``WORKDIR/demo/clip_latents.npy`` (``config.cache_clip_latents``),
-   built with ``bifrost cache-latents``' code before the first of them trains in a run.
+   built with ``bifrost cache-latents``' code before the first of them trains in a run. Phases that do not start
+   from each other train at once (``config.concurrent_phases``: ``understanding -> mllm`` beside ``vae -> flux``).
    The ``understanding`` phase trains a Qwen2.5-VL-architecture model (ViT + merger + language model) as a VLM
    on questions about the shapes images; the controlnet and mllm phases take its ViT (``vision.init_from``) and
    the mllm phase its language model as the frozen base, the generation branch a copy of it
@@ -29,11 +30,13 @@
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import json
 import os
 import shutil
 import sys
+import threading
 import time
 from typing import Any, Sequence
 
@@ -122,6 +125,8 @@ def phase_configs(demo, workdir: str, *, fast: bool = False) -> dict[str, Any]:
                      ("tensorboard", False)):
             _set(c, f"train.{k}", v)
         _set(c, "optim.lr", float(p.lr))
+        if "weight_decay" in p:
+            _set(c, "optim.weight_decay", float(p.weight_decay))
         _set(c, "optim.warmup_steps", min(int(p.warmup_steps), steps // 4))
         _set(c, "checkpoint.every", steps)  # the final step only (a resumable save costs seconds on CPU)
         _set(c, "checkpoint.keep", 1)
@@ -130,8 +135,9 @@ def phase_configs(demo, workdir: str, *, fast: bool = False) -> dict[str, Any]:
         _set(c, "data.vae_resolution", int(demo.data.vae_resolution))
         _set(c, "data.train_size", int(demo.data.train_size))
         _set(c, "data.shapes_seed", int(demo.data.shapes_seed))
-        _set(c, "data.shapes_layout", str(demo.data.layout))
-        _set(c, "data.shapes_jitter", float(demo.data.jitter))
+        layout = p.get("layout", "") or str(demo.data.layout)  # a phase may see another layout than the rest
+        _set(c, "data.shapes_layout", layout)
+        _set(c, "data.shapes_jitter", float(demo.data.jitter) if layout == "fixed" else 0.0)
         if "text_dropout" in p:
             _set(c, "data.text_dropout", float(p.text_dropout))
         if name == "mllm":
@@ -242,20 +248,24 @@ def phases_to_force(force: Sequence[str], order: Sequence[str] = PHASE_ORDER) ->
 
 
 def run_phases(configs: dict, workdir: str, *, force: Sequence[str] = (), progress_bar: bool = True,
-               clip_cache_builder=build_demo_clip_cache) -> dict:
+               clip_cache_builder=build_demo_clip_cache, concurrency: int = 1) -> dict:
     """Train every phase not yet finished; returns ``{phase: {"status", "seconds", "steps", "last_metrics"}}``.
     ``clip_cache_builder(config)`` writes ``config.data.precomputed_clip_latents`` before the first phase that
-    trains on it (default: the frozen ViT's latents)."""
+    trains on it (default: the frozen ViT's latents).
+
+    ``concurrency`` > 1: up to that many phases train at once, each as soon as the phases it starts from
+    (``DEPENDS_ON``) are done, in ``configs`` order otherwise (the demo: ``understanding -> mllm`` beside
+    ``vae -> flux``, then ``controlnet``). Each phase's result is the same either way: a phase's steps depend on
+    its own config, data and initial weights only. Every config is checked against its workdir before any
+    phase trains."""
 
     forced = phases_to_force(force, tuple(configs))
     records_path = os.path.join(os.path.abspath(workdir), "demo", "phases.json")
     records = _read_json(records_path, {})
-    out = {}
-    cache_built = False
+    out, todo = {}, []
     for name, config in configs.items():
         phase_dir = os.path.join(os.path.abspath(workdir), name)
         stamp = os.path.join(phase_dir, "demo_phase_config.json")
-        steps = int(config.train.steps)
         if name in forced and os.path.isdir(phase_dir):
             _log(f"phase {name}: --force: removing {phase_dir}")
             shutil.rmtree(phase_dir)
@@ -264,17 +274,28 @@ def run_phases(configs: dict, workdir: str, *, force: Sequence[str] = (), progre
             raise RuntimeError(f"{phase_dir} was trained with another config than this demo config (sizes, steps "
                                f"or --fast differ): rerun with --force {name}, or use another --workdir")
         done = latest_step(workdir, name)
-        if done is not None and done >= steps:
+        if done is not None and done >= int(config.train.steps):
             prev = records.get(name, {})
             _log(f"phase {name}: reusing the finished checkpoint (step {done}) in {phase_dir}/checkpoints")
             out[name] = {"status": "reused", "seconds": 0.0, "steps": done,
                          "trained_seconds": prev.get("seconds"), "last_metrics": prev.get("last_metrics", {})}
-            continue
-        if config.data.get("precomputed_clip_latents") and not cache_built:
-            clip_cache_builder(config)
-            cache_built = True
+        else:
+            todo.append(name)
+
+    lock = threading.Lock()  # the records file and the one CLIP-latent cache build
+    cache = {"built": False}
+
+    def run_one(name: str) -> dict:
+        config = configs[name]
+        phase_dir = os.path.join(os.path.abspath(workdir), name)
+        steps, done = int(config.train.steps), latest_step(workdir, name)
+        if config.data.get("precomputed_clip_latents"):
+            with lock:
+                if not cache["built"]:
+                    clip_cache_builder(config)
+                    cache["built"] = True
         os.makedirs(phase_dir, exist_ok=True)
-        with open(stamp, "w") as fh:
+        with open(os.path.join(phase_dir, "demo_phase_config.json"), "w") as fh:
             json.dump(_fingerprint(config), fh, indent=1)
         _log(f"phase {name}: start ({steps} steps, batch {config.train.batch_size}, lr {config.optim.lr:g})"
              + (f", resuming from step {done}" if done is not None else ""))
@@ -286,10 +307,49 @@ def run_phases(configs: dict, workdir: str, *, force: Sequence[str] = (), progre
         metrics = {k: float(v) for k, v in (result.last_metrics or {}).items() if np.ndim(v) == 0}
         _log(f"phase {name}: done in {seconds:.0f} s, "
              + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in ("loss", "mse", "recon", "mse_masked")))
-        records[name] = {"seconds": seconds, "steps": int(result.step), "last_metrics": metrics}
-        _write_json(records_path, records)
-        out[name] = {"status": "trained", "seconds": seconds, "steps": int(result.step), "last_metrics": metrics}
-    return out
+        with lock:
+            records[name] = {"seconds": seconds, "steps": int(result.step), "last_metrics": metrics}
+            _write_json(records_path, records)
+        return {"status": "trained", "seconds": seconds, "steps": int(result.step), "last_metrics": metrics}
+
+    if concurrency <= 1:
+        out.update((name, run_one(name)) for name in todo)
+    else:
+        deps = {name: [d for d in DEPENDS_ON[name] if d in todo] for name in todo}
+        out.update(_run_dag(todo, deps, run_one, concurrency))
+    return {name: out[name] for name in configs}
+
+
+def _run_dag(names: Sequence[str], deps: dict, fn, workers: int) -> dict:
+    """``{name: fn(name)}``, up to ``workers`` at once on threads, each name started once its ``deps`` are done,
+    in ``names`` order otherwise. The first error is raised once the running calls have finished (a phase that
+    is training completes and saves its checkpoint)."""
+    results, pending, running = {}, list(names), {}
+    error = None
+    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="phase") as pool:
+        while running or (pending and error is None):
+            for name in list(pending):
+                if error is not None or len(running) >= workers:
+                    break
+                if all(d in results for d in deps[name]):
+                    pending.remove(name)
+                    running[pool.submit(fn, name)] = name
+            if not running:
+                raise RuntimeError(f"phases {pending} wait on each other: {deps}")
+            finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in finished:
+                name = running.pop(future)
+                try:
+                    results[name] = future.result()
+                except BaseException as e:  # noqa: BLE001 - re-raised below, after the others finish
+                    if error is None:
+                        error = e
+                        if running:
+                            _log(f"phase {name} failed ({type(e).__name__}); waiting for "
+                                 f"{sorted(running.values())} to finish")
+    if error is not None:
+        raise error
+    return results
 
 
 def _read_json(path, default):
@@ -539,7 +599,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.makedirs(workdir, exist_ok=True)
     _log(f"workdir {workdir}" + (" (--fast)" if args.fast else ""))
     configs = phase_configs(demo, workdir, fast=args.fast)
-    phases = run_phases(configs, workdir, force=args.force, progress_bar=not args.no_progress)
+    phases = run_phases(configs, workdir, force=args.force, progress_bar=not args.no_progress,
+                        concurrency=int(demo.get("concurrent_phases", 1)))
     _log("generating for held-out prompts and scoring")
     t0 = time.perf_counter()
     n = min(int(demo.generate.num_prompts), 16) if args.fast else None

@@ -8,6 +8,8 @@ Numbers here mean nothing (2 steps); the demo's real scores are in its summary /
 import json
 import logging
 import os
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -182,6 +184,46 @@ def test_force_closure():
     assert demo.phases_to_force(["flux"]) == {"flux", "controlnet"}
     assert demo.phases_to_force(["mllm"]) == {"mllm"}
     assert demo.phases_to_force([]) == set()
+
+
+def _dag_trace(fail=None, workers=2):
+    names = list(demo.PHASE_ORDER)
+    deps = {n: [d for d in demo.DEPENDS_ON[n] if d in names] for n in names}
+    events, lock = [], threading.Lock()
+
+    def fn(name):
+        with lock:
+            events.append(("start", name))
+        time.sleep(0.2 if name in ("understanding", "vae") else 0.05)
+        with lock:
+            events.append(("end", name))
+        if name == fail:
+            raise ValueError(f"{name} broke")
+        return name.upper()
+    return names, deps, events, fn
+
+
+def test_concurrent_phases_start_after_what_they_start_from():
+    names, deps, events, fn = _dag_trace()
+    assert demo._run_dag(names, deps, fn, 2) == {n: n.upper() for n in names}
+    for name in names:
+        for d in deps[name]:
+            assert events.index(("end", d)) < events.index(("start", name)), (name, d, events)
+    running, most = 0, 0
+    for kind, _ in events:
+        running += 1 if kind == "start" else -1
+        most = max(most, running)
+    assert most == 2  # understanding beside vae: never more than the workers
+    assert events[:2] == [("start", "understanding"), ("start", "vae")]
+
+
+def test_a_failing_phase_stops_the_ones_that_wait_and_is_raised():
+    names, deps, events, fn = _dag_trace(fail="vae")
+    with pytest.raises(ValueError, match="vae broke"):
+        demo._run_dag(names, deps, fn, 2)
+    started = {n for kind, n in events if kind == "start"}
+    assert "flux" not in started and "controlnet" not in started  # they start from the vae
+    assert ("end", "understanding") in events  # the phase beside it finished (its checkpoint is not lost)
 
 
 def test_force_retrains_only_the_forced_phases(first_run):

@@ -121,7 +121,7 @@ class MetricsLogger:
     def __init__(self, logdir: str, *, total_steps: int, initial_step: int, examples_per_step: int,
                  tokens_per_example: int, flops_per_step_per_device: float | None = None,
                  flops: StepFlops | None = None, enabled: bool | None = None, progress_bar: bool = True,
-                 tensorboard: bool = True):
+                 tensorboard: bool = True, description: str | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.examples_per_step = examples_per_step
         self.tokens_per_example = tokens_per_example
@@ -138,7 +138,8 @@ class MetricsLogger:
         self._jsonl = open(os.path.join(logdir, "metrics.jsonl"), "a")
         if progress_bar:
             from tqdm.auto import tqdm
-            self._bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True)
+            self._bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True,
+                             desc=description)
 
     def restart_clock(self, step: int) -> None:
         """Exclude compilation or checkpoint time from the next throughput figure."""

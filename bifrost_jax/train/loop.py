@@ -319,7 +319,8 @@ def _train_locked(config, phase, run_dir: str, workdir: str, lock: WorkdirLock, 
     step = int(jax.device_get(state.step))
     logger = MetricsLogger(run_dir, total_steps=total, initial_step=step, examples_per_step=batch_size,
                            tokens_per_example=phase.tokens_per_example(), flops=flops,
-                           progress_bar=progress_bar, tensorboard=config.train.tensorboard)
+                           progress_bar=progress_bar, tensorboard=config.train.tensorboard,
+                           description=phase.name)
     n_train = sum(x.size for x in jax.tree.leaves(builder.abstract_state.params))
     n_frozen = sum(x.size for x in jax.tree.leaves(builder.abstract_frozen))
     logger.message(f"phase {phase.name}: mesh {dict(mesh.shape)}, {n_train:,} trainable / {n_frozen:,} frozen "
