@@ -27,6 +27,7 @@ import dataclasses
 import io
 import logging
 import re
+import threading
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -391,6 +392,9 @@ def _without_custom_config_warning():
         logger.removeFilter(drop)
 
 
+_PREPARE_LOCK = threading.Lock()
+
+
 def shapes_builder(data_dir: str, options: ShapesOptions | None = None) -> BifrostShapes:
     """The array_record shapes builder for ``options`` under ``data_dir`` (call ``download_and_prepare()``)."""
     options = options or ShapesOptions()
@@ -402,9 +406,12 @@ def shapes_builder(data_dir: str, options: ShapesOptions | None = None) -> Bifro
 
 
 def load_shapes(data_dir: str, split: str, options: ShapesOptions | None = None):
-    """Builds the data if needed and returns the random-access source of ``split`` (for grain)."""
-    builder = shapes_builder(data_dir, options)
-    builder.download_and_prepare()
+    """Builds the data if needed and returns the random-access source of ``split`` (for grain). One thread at a
+    time: phases training at once in one process (``bifrost demo``) share the data directory, and TFDS's
+    preparation of one dataset must not race with itself."""
+    with _PREPARE_LOCK:
+        builder = shapes_builder(data_dir, options)
+        builder.download_and_prepare()
     return builder.as_data_source(split)
 
 

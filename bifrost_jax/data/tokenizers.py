@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 from typing import Callable, Iterable, Optional, Sequence
 
 import zlib
@@ -74,14 +75,14 @@ def ensure_word_tokenizer(directory: str, words: Iterable[str]) -> str:
     rebuilt if it was built from another vocabulary (a workdir made before words were added; words are appended,
     so the ids of the old ones stay put). The build is deterministic, so concurrent or repeated builds write the
     same file."""
-    tmp = f"{directory}.tmp{os.getpid()}"
+    tmp = f"{directory}.tmp{os.getpid()}-{threading.get_ident()}"  # processes and threads
     build_word_tokenizer(list(words), tmp)
     current = os.path.join(directory, "tokenizer.json")
     if os.path.isfile(current) and _same_file(current, os.path.join(tmp, "tokenizer.json")):
         shutil.rmtree(tmp, ignore_errors=True)
         return directory
     os.makedirs(os.path.dirname(os.path.abspath(directory)), exist_ok=True)
-    stale = f"{directory}.stale{os.getpid()}"
+    stale = f"{directory}.stale{os.getpid()}-{threading.get_ident()}"
     if os.path.isdir(directory):
         os.replace(directory, stale)
     try:
