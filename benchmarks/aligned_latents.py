@@ -180,7 +180,8 @@ def run_variant(demo, workdir: str, variant: str, *, fast: bool, num_prompts, pr
         builder = lambda config: build_vae_grid_cache(config, configs["controlnet"])  # noqa: E731
         recon = _vae_reconstruction_latents
     _log(f"variant {variant}: {workdir}")
-    phases = demo_lib.run_phases(configs, workdir, progress_bar=progress_bar, clip_cache_builder=builder)
+    phases = demo_lib.run_phases(configs, workdir, progress_bar=progress_bar, clip_cache_builder=builder,
+                                 concurrency=int(demo.get("concurrent_phases", 1)))
     ev_demo = demo.copy_and_resolve_references()
     ev_demo.eval.flux_alone = bool(variant == "pretrained_vit" and demo.eval.flux_alone)  # the same FLUX in all
     report = demo_lib.evaluate_demo(ev_demo, configs, workdir, num_prompts=num_prompts,
@@ -246,7 +247,8 @@ def main(argv=None) -> int:
     rows = []
     # (a) first: it trains the shared phases; its own controlnet / mllm are only scored when asked for
     demo_lib.run_phases({k: v for k, v in variant_configs(demo, shared, VARIANTS["a"], fast=args.fast).items()
-                         if k in SHARED_PHASES}, shared, progress_bar=not args.no_progress)
+                         if k in SHARED_PHASES}, shared, progress_bar=not args.no_progress,
+                        concurrency=int(demo.get("concurrent_phases", 1)))
     for letter in letters:
         variant = VARIANTS[letter]
         w = os.path.join(root, variant)

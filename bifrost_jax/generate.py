@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from bifrost_jax.sample.build import BUILD_DOC
 from bifrost_jax.sample.images import make_grid, save_png
+from bifrost_jax.sample.schedulers import SCHEDULERS
 from bifrost_jax.configs import positive_int
 from bifrost_jax.train.export import WeightsError, load_pipeline
 
@@ -40,6 +41,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="diffusion decoder steps (FLUX Euler; a UNet decoder's scheduler)")
     parser.add_argument("--guidance", type=float, default=None,
                         help="FLUX distilled guidance (a UNet decoder: the text CFG scale)")
+    parser.add_argument("--sampler", default=None, choices=sorted(SCHEDULERS),
+                        help="a UNet decoder's sampling scheduler with --checkpoint WORKDIR (default: "
+                             "DPMSolverMultistepScheduler); FLUX always samples with its flow-matching Euler")
     parser.add_argument("--conditioning-scale", type=float, default=None, help="latent ControlNet residual scale")
     parser.add_argument("--batch-size", type=positive_int, default=4, help="prompts per generation call")
     parser.add_argument("--out", required=True, help="output directory")
@@ -48,7 +52,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("give at least one --prompt")
 
     try:
-        pipe, config = load_pipeline(rest, args.checkpoint, random_weights=args.random_weights)
+        pipe, config = load_pipeline(rest, args.checkpoint, random_weights=args.random_weights,
+                                     sampler=args.sampler)
     except (WeightsError, FileNotFoundError) as e:
         parser.error(str(e))
     given = {"num_images_per_prompt": args.num_images, "seed": args.seed, "mar_steps": args.mar_steps,

@@ -52,7 +52,7 @@ def get_config():
     # the shared model sizes (diffusers / transformers config.json fields)
     m = ml_collections.ConfigDict()
     m.vae = dict(in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1, latent_channels=4,
-                 norm_num_groups=8, sample_size=32, scaling_factor=1.0, shift_factor=0.0)
+                 norm_num_groups=8, sample_size=32, scaling_factor=1.0, shift_factor=0.0, mid_block_add_attention=False)
     m.flux = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=32,
                   num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=64, guidance_embeds=True,
                   axes_dims_rope=(8, 12, 12))
@@ -92,8 +92,8 @@ def get_config():
     # final loss 0.0134 against 0.0170 at 1e-3, held-out colour 0.84 against 0.75 (same diffusion checkpoints,
     # MAR 1; benchmarks/RESULTS.md "The embedded default, sized for 10 minutes").
     c.phases = ml_collections.ConfigDict()
-    for name, steps, batch, lr in (("understanding", 1200, 32, 2e-3), ("vae", 500, 32, 2e-3), ("flux", 500, 32, 2e-3),
-                                   ("unet", 600, 64, 2e-3), ("controlnet", 400, 32, 1e-3), ("mllm", 3000, 32, 2e-3)):
+    for name, steps, batch, lr in (("understanding", 1000, 32, 2e-3), ("vae", 500, 32, 2e-3), ("flux", 450, 32, 2e-3),
+                                   ("unet", 600, 64, 2e-3), ("controlnet", 350, 32, 1e-3), ("mllm", 2500, 32, 2e-3)):
         c.phases[name] = ml_collections.ConfigDict(dict(steps=steps, batch_size=batch, lr=lr, warmup_steps=50))
     # the shapes layout a phase trains on, "" = data.layout
     c.phases.understanding.layout = ""

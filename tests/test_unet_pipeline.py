@@ -204,3 +204,40 @@ def test_text_encoders_must_fit_the_unet():
     wide.unet.config.cross_attention_dim = 96
     with pytest.raises(ValueError, match="cross_attention_dim=96 but config.clip \\+ config.clip_2"):
         get_phase(wide)
+
+
+def test_sampler_choice_from_the_workdir(runs, pipe):
+    from bifrost_jax.sample.schedulers import DDIMConfig, DPMSolverMultistepConfig
+    assert isinstance(pipe.scheduler, DPMSolverMultistepConfig)  # the default
+    ddim = pipeline_from_workdir(runs["work"], options=SamplingOptions(**SAMPLING), sampler="DDIMScheduler")
+    assert isinstance(ddim.scheduler, DDIMConfig)
+    # the same trained noise schedule, another sampler: another image from the same seed
+    a, b = pipe.generate(["a red circle"]), ddim.generate(["a red circle"])
+    assert a.shape == b.shape and np.abs(a.astype(int) - b.astype(int)).max() > 0
+    with pytest.raises(ValueError, match="not one of"):
+        pipeline_from_workdir(runs["work"], sampler="PNDMScheduler")
+
+
+def test_eval_geneval_and_dpg_run_on_the_unet_workdir(runs, tmp_path):
+    """``bifrost eval geneval`` / ``dpg`` take a UNet-decoder workdir unchanged (``--sampler`` picks its scheduler):
+    the GenEval layout and the image of the prompt's seed, the DPG-Bench 2x2 grid."""
+    meta = tmp_path / "evaluation_metadata.jsonl"
+    line = json.dumps({"tag": "single_object", "include": [{"class": "circle", "count": 1}], "prompt": "a red circle"})
+    meta.write_text(line + "\n")
+    out = tmp_path / "geneval"
+    assert cli.main(["eval", "geneval", "--checkpoint", runs["work"], "--prompts", str(meta), "--out", str(out),
+                     "--num-images", "1", "--batch-size", "1", "--seed", "5", "--sampler", "EulerDiscreteScheduler"]) == 0
+    assert (out / "00000" / "metadata.jsonl").read_text() == line + "\n"
+    got = np.asarray(Image.open(out / "00000" / "samples" / "0000.png"))
+    euler = pipeline_from_workdir(runs["work"], sampler="EulerDiscreteScheduler")
+    want = euler.generate(["a red circle"], num_images_per_prompt=1, seed=5)
+    assert got.shape == (32, 32, 3) and np.abs(got.astype(int) - want[0].astype(int)).max() <= 1
+
+    prompts = tmp_path / "dpg_prompts"
+    prompts.mkdir()
+    (prompts / "p0.txt").write_text("two blue squares")
+    out = tmp_path / "dpg"
+    assert cli.main(["eval", "dpg", "--checkpoint", runs["work"], "--prompts", str(prompts), "--out", str(out),
+                     "--batch-size", "1"]) == 0
+    grid = np.asarray(Image.open(out / "p0.png"))
+    assert grid.shape == (64, 64, 3)  # DPG-Bench's 2x2 grid of 32 px images

@@ -44,6 +44,7 @@ from bifrost_jax.eval import reconstruction
 from bifrost_jax.eval.reconstruction import all_reduce_sum, evaluate_reconstruction, folder_source, make_preprocess
 from bifrost_jax.parallel.mesh import maybe_initialize_distributed
 from bifrost_jax.sample.images import save_png
+from bifrost_jax.sample.schedulers import SCHEDULERS
 from bifrost_jax.train.export import WeightsError, load_pipeline
 from bifrost_jax.eval.shapes_checker import (ATTRIBUTES, CheckerConfig, ShapesReport, chance_levels, check_image)
 
@@ -110,6 +111,9 @@ def _parser(mode: str) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--batch-size", type=positive_int, default=4, help="prompts (images) per host per generation call")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: config.sample.seed)")
+    p.add_argument("--sampler", default=None, choices=sorted(SCHEDULERS),
+                   help="a UNet decoder's sampling scheduler with --checkpoint WORKDIR (default: "
+                        "DPMSolverMultistepScheduler)")
     if mode == "geneval":
         p.add_argument("--prompts", required=True, help="GenEval evaluation_metadata.jsonl")
         p.add_argument("--num-images", type=positive_int, default=None, help="samples per prompt (default: config)")
@@ -177,7 +181,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     maybe_initialize_distributed()
     try:
-        pipe, config = load_pipeline(rest, args.checkpoint, random_weights=args.random_weights)
+        pipe, config = load_pipeline(rest, args.checkpoint, random_weights=args.random_weights,
+                                     sampler=args.sampler)
     except (WeightsError, FileNotFoundError) as e:
         parser.error(str(e))
     seed = pipe.options.seed if args.seed is None else args.seed

@@ -32,7 +32,7 @@ from bifrost_jax.data.tokenizers import PaddedTokenizer
 from bifrost_jax.parallel.multislice import mesh_from_config
 from bifrost_jax.sample.build import build_pipeline, components_of
 from bifrost_jax.sample.pipeline import BifrostPipeline, FluxTextEncoder, SamplingOptions
-from bifrost_jax.sample.schedulers import DPMSolverMultistepConfig
+from bifrost_jax.sample.schedulers import SCHEDULERS
 from bifrost_jax.sample.unet_pipeline import UNetBifrostPipeline, UNetTextEncoder
 from bifrost_jax import checkpoint as ckpt
 from bifrost_jax.train.loop import initial_frozen
@@ -78,9 +78,16 @@ def _component(variables: dict, name: str) -> dict:
     return {c: tree[name] for c, tree in variables.items() if name in tree}
 
 
+DEFAULT_UNET_SAMPLER = "DPMSolverMultistepScheduler"
+
+
 def pipeline_from_workdir(workdir: str, *, options: Optional[SamplingOptions] = None, mesh=None,
-                          step: Optional[int] = None) -> BifrostPipeline:
-    """The ``BifrostPipeline`` of a trained workdir (its ``controlnet`` and ``mllm`` phases)."""
+                          step: Optional[int] = None, sampler: Optional[str] = None) -> BifrostPipeline:
+    """The ``BifrostPipeline`` of a trained workdir (its ``controlnet`` and ``mllm`` phases). ``sampler``: a UNet
+    decoder's sampling scheduler, one of ``sample.schedulers.SCHEDULERS`` (diffusers' class names; default
+    DPM-Solver++ (2M)) on the noise schedule it was trained with; FLUX samples with its flow-matching Euler."""
+    if sampler is not None and sampler not in SCHEDULERS:
+        raise ValueError(f"sampler {sampler!r} is not one of {sorted(SCHEDULERS)}")
     cn, cn_vars = phase_variables(workdir, "controlnet", mesh=mesh, step=step)
     mp, mllm_vars = phase_variables(workdir, "mllm", mesh=mesh, step=step)
     c = cn.config
@@ -95,7 +102,10 @@ def pipeline_from_workdir(workdir: str, *, options: Optional[SamplingOptions] = 
                   max_prompt_length=int(m.mllm.max_prompt_length), vision=cn.vision.module,
                   vision_variables=vision_vars, mesh=mesh, options=options or SamplingOptions())
     if c.get("decoder", "flux") == "unet":
-        return _unet_pipeline(cn, cn_vars, shared)
+        return _unet_pipeline(cn, cn_vars, shared, sampler or DEFAULT_UNET_SAMPLER)
+    if sampler is not None:
+        raise ValueError(f"sampler {sampler!r}: {workdir} has a FLUX decoder, which samples with its flow-matching "
+                         "Euler scheduler (the sampler choice is for UNet decoders)")
     tok_dir = None if (c.t5.tokenizer_dir and c.clip.tokenizer_dir) else word_tokenizer_dir(c.data, None)
     encode_text = FluxTextEncoder(cn.t5.module, _component(cn_vars, "t5"),
                                   PaddedTokenizer(c.t5.tokenizer_dir or tok_dir, c.t5.max_length),
@@ -105,9 +115,9 @@ def pipeline_from_workdir(workdir: str, *, options: Optional[SamplingOptions] = 
                            encode_text=encode_text, **shared)
 
 
-def _unet_pipeline(cn: Phase, cn_vars: dict, shared: dict) -> UNetBifrostPipeline:
+def _unet_pipeline(cn: Phase, cn_vars: dict, shared: dict, sampler: str) -> UNetBifrostPipeline:
     """The UNet-decoder pipeline of a ``controlnet`` phase trained with ``decoder: unet``: its UNet, text encoders
-    and VAE, and a DPM-Solver++ (2M) sampler on the noise schedule it was trained with."""
+    and VAE, and the ``sampler`` scheduler on the noise schedule it was trained with."""
     c = cn.config
     tok_dir = None
     if not all(comp.section.tokenizer_dir for comp, _ in cn.text_encoders()):
@@ -118,7 +128,7 @@ def _unet_pipeline(cn: Phase, cn_vars: dict, shared: dict) -> UNetBifrostPipelin
     encode_text = UNetTextEncoder(cn.clip.module, _component(cn_vars, "clip"), toks[0],
                                   clip_2 and clip_2.module, clip_2 and _component(cn_vars, "clip_2"),
                                   toks[1] if clip_2 else None)
-    scheduler = DPMSolverMultistepConfig.from_hf_config(config_dict(c.scheduler))
+    scheduler = SCHEDULERS[sampler].from_hf_config(config_dict(c.scheduler))
     return UNetBifrostPipeline(transformer=cn.unet.module, transformer_variables=_component(cn_vars, "unet"),
                                encode_text=encode_text, scheduler=scheduler, **shared)
 
@@ -154,7 +164,8 @@ def random_components(config) -> list[str]:
     return out
 
 
-def load_pipeline(config_argv, checkpoint: Optional[str], *, random_weights: bool = False):
+def load_pipeline(config_argv, checkpoint: Optional[str], *, random_weights: bool = False,
+                  sampler: Optional[str] = None):
     """The pipeline a command line asks for: the trained workdir ``checkpoint`` (the configs its phases recorded),
     or ``--config FILE [--config.KEY=VALUE ...]`` (a generation config whose sections name their weights: a
     workdir's phases through ``init_from``). Random weights only when asked for by name: a config component with no
@@ -165,6 +176,9 @@ def load_pipeline(config_argv, checkpoint: Optional[str], *, random_weights: boo
             raise ValueError(f"--checkpoint {checkpoint} with --config: a generation config names its weights itself "
                              "(config.<component>.port_dir / init_from=WORKDIR/<phase>/checkpoints); give "
                              "--checkpoint WORKDIR alone to use a trained workdir as it is")
+        if sampler is not None:
+            raise ValueError(f"--sampler {sampler} with --config: a generation config names its sampler itself "
+                             f"(--config.sample.scheduler={sampler})")
         config, _ = parse_config_flags(argv)
         random = random_components(config)
         if random and not random_weights:
@@ -180,4 +194,4 @@ def load_pipeline(config_argv, checkpoint: Optional[str], *, random_weights: boo
                          "configs/generate_tiny.py)")
     if not os.path.isdir(checkpoint):
         raise FileNotFoundError(f"--checkpoint {checkpoint}: no such directory")
-    return pipeline_from_workdir(checkpoint), None
+    return pipeline_from_workdir(checkpoint, sampler=sampler), None
