@@ -92,8 +92,8 @@ def get_config():
     # final loss 0.0134 against 0.0170 at 1e-3, held-out colour 0.84 against 0.75 (same diffusion checkpoints,
     # MAR 1; benchmarks/RESULTS.md "The embedded default, sized for 10 minutes").
     c.phases = ml_collections.ConfigDict()
-    for name, steps, batch, lr in (("understanding", 900, 32, 2e-3), ("vae", 500, 16, 2e-3), ("flux", 400, 32, 2e-3),
-                                   ("unet", 600, 64, 2e-3), ("controlnet", 300, 32, 1e-3), ("mllm", 3000, 32, 2e-3)):
+    for name, steps, batch, lr in (("understanding", 1000, 32, 2e-3), ("vae", 500, 16, 2e-3), ("flux", 450, 32, 2e-3),
+                                   ("unet", 600, 64, 2e-3), ("controlnet", 400, 32, 1e-3), ("mllm", 3000, 32, 2e-3)):
         c.phases[name] = ml_collections.ConfigDict(dict(steps=steps, batch_size=batch, lr=lr, warmup_steps=50))
     # the shapes layout a phase trains on, "" = data.layout
     c.phases.understanding.layout = ""
