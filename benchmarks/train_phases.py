@@ -64,7 +64,6 @@ if ARGS is not None:
     sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 GIB = 1024 ** 3

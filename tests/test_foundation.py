@@ -1,6 +1,5 @@
 """The shared foundation: mesh, rules, safetensors I/O, the port error report, attention."""
 import json
-import os
 
 import jax
 import jax.numpy as jnp

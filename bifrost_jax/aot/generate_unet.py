@@ -27,7 +27,7 @@ from jax.sharding import Mesh
 from bifrost_jax.aot.generate import _abstract_variables, _sds, batch_size, count_params, mar_step
 from bifrost_jax.aot.report import AotTarget
 from bifrost_jax.components import vae_component
-from bifrost_jax.components.unet import (clip_projection_component, latent_unet_controlnet_component,
+from bifrost_jax.components.unet import (latent_unet_controlnet_component,
                                          unet_component)
 from bifrost_jax.configs import config_dict
 from bifrost_jax.models import flops as F
