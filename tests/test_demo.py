@@ -230,6 +230,7 @@ def test_force_retrains_only_the_forced_phases(first_run):
     w = first_run
     configs = demo.phase_configs(demo.load_demo_config(SMOKE[2:]), w, fast=True)
     before = _checkpoint_steps(w)
+    trained_beside = _losses(w, "mllm")  # the first run trained it beside the vae / flux phases
     out = demo.run_phases(configs, w, force=["mllm"], progress_bar=False)  # the cheapest phase to retrain
     assert {n: out[n]["status"] for n in demo.PHASE_ORDER} == {"understanding": "reused", "vae": "reused",
                                                                "flux": "reused",
@@ -238,6 +239,12 @@ def test_force_retrains_only_the_forced_phases(first_run):
     kept = ("understanding", "vae", "flux", "controlnet")
     assert {n: after[n] for n in kept} == {n: before[n] for n in kept}
     assert after["mllm"] != before["mllm"]
+    # alone now (concurrency 1): the same steps bit for bit, whatever trained beside it before
+    assert _losses(w, "mllm") == trained_beside and len(trained_beside) >= 2
+
+
+def _losses(workdir, name):
+    return [(d["step"], d["loss"], d["grad_norm"]) for d in map(json.loads, _metrics_lines(workdir, name))]
 
 
 def test_changed_config_is_refused(first_run):
