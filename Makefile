@@ -24,12 +24,8 @@ install: $(STAMP)
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 --dist loadfile tests
 
-# glibc malloc tunables: XLA:CPU's per-step buffers are then reused instead of unmapped and faulted in again every
-# step (the kernel time of a demo run halves; benchmarks/RESULTS.md, "The embedded default in 10 minutes")
-DEMO_MALLOC := MALLOC_ARENA_MAX=4 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736
-
 demo: $(CORE_STAMP)
-	HF_HUB_OFFLINE=1 $(DEMO_MALLOC) $(VENV)/bin/bifrost demo --workdir runs/demo
+	HF_HUB_OFFLINE=1 $(VENV)/bin/bifrost demo --workdir runs/demo
 
 clean:
 	rm -rf $(VENV) runs
