@@ -46,6 +46,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bifrost_jax import demo as demo_lib  # noqa: E402
+from bifrost_jax import demo_phases  # noqa: E402
 from bifrost_jax.data.latent_cache import cache_fields, sidecar_path  # noqa: E402
 from bifrost_jax.data.pipeline import INDEX_KEY, VALID_KEY, make_eval_iterator  # noqa: E402
 from bifrost_jax.data.sources import image_source, make_image_preprocess, pixels_to_unit  # noqa: E402
@@ -174,13 +175,13 @@ def link_shared(shared_workdir: str, workdir: str) -> None:
 
 def run_variant(demo, workdir: str, variant: str, *, fast: bool, num_prompts, progress_bar: bool) -> dict:
     configs = variant_configs(demo, workdir, variant, fast=fast)
-    builder = demo_lib.build_demo_clip_cache
+    builder = demo_phases.build_demo_clip_cache
     recon = None
     if variant == "vae_latents":
         builder = lambda config: build_vae_grid_cache(config, configs["controlnet"])  # noqa: E731
         recon = _vae_reconstruction_latents
     _log(f"variant {variant}: {workdir}")
-    phases = demo_lib.run_phases(configs, workdir, progress_bar=progress_bar, clip_cache_builder=builder,
+    phases = demo_phases.run_phases(configs, workdir, progress_bar=progress_bar, clip_cache_builder=builder,
                                  concurrency=int(demo.get("concurrent_phases", 1)))
     ev_demo = demo.copy_and_resolve_references()
     ev_demo.eval.flux_alone = bool(variant == "pretrained_vit" and demo.eval.flux_alone)  # the same FLUX in all
@@ -246,7 +247,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     rows = []
     # (a) first: it trains the shared phases; its own controlnet / mllm are only scored when asked for
-    demo_lib.run_phases({k: v for k, v in variant_configs(demo, shared, VARIANTS["a"], fast=args.fast).items()
+    demo_phases.run_phases({k: v for k, v in variant_configs(demo, shared, VARIANTS["a"], fast=args.fast).items()
                          if k in SHARED_PHASES}, shared, progress_bar=not args.no_progress,
                         concurrency=int(demo.get("concurrent_phases", 1)))
     for letter in letters:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bifrost_jax import cli, demo
+from bifrost_jax import cli, demo, demo_phases
 from bifrost_jax.train.flux_phases import ControlNetPhase
 from bifrost_jax.train.mllm_phase import MllmPhase
 
@@ -76,7 +76,7 @@ def test_first_run_trains_every_phase_and_reports(first_run):
     assert [report["phases"][p]["status"] for p in demo.PHASE_ORDER] == ["trained"] * 5
     for name in demo.PHASE_ORDER:
         assert report["phases"][name]["steps"] == 2
-        assert demo.latest_step(w, name) == 2
+        assert demo_phases.latest_step(w, name) == 2
         assert np.isfinite(report["phases"][name]["last_metrics"]["loss"])
     # two held-out prompts (the test split: each holds a colour-shape pair never seen in training)
     from bifrost_jax.data.shapes import HELD_OUT_PAIRS, parse_caption
@@ -130,7 +130,7 @@ def test_controlnet_and_mllm_trained_on_the_cached_vit_latents(first_run):
     for name in ("controlnet", "mllm"):
         assert configs[name].data.precomputed_clip_latents == cache
         with open(os.path.join(first_run, name, "demo_phase_config.json")) as fh:
-            assert json.load(fh) == demo._fingerprint(configs[name])  # the run that trained used this config
+            assert json.load(fh) == demo_phases.fingerprint(configs[name])  # the run that trained used this config
 
 
 def test_no_library_warnings_on_the_console(first_run_logs):
@@ -174,21 +174,23 @@ def test_generate_from_the_demo_workdir_with_no_config(first_run, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["generate", "--checkpoint", str(tmp_path / "nowhere"), "--prompt", "x", "--out", str(out)])
     assert exit_info.value.code == 2
+    with pytest.raises(ValueError, match="FLUX decoder"):  # --sampler is for UNet decoders; refused before loading
+        cli.main(["generate", "--checkpoint", w, "--prompt", "x", "--out", str(out), "--sampler", "DDIMScheduler"])
     with pytest.raises(ValueError, match="names its weights itself"):
         cli.main(["generate", "--config", GENERATE_TINY, "--checkpoint", w, "--prompt", "x", "--out", str(out)])
 
 
 def test_force_closure():
-    assert demo.phases_to_force(["understanding"]) == {"understanding", "controlnet", "mllm"}
-    assert demo.phases_to_force(["vae"]) == {"vae", "flux", "controlnet"}
-    assert demo.phases_to_force(["flux"]) == {"flux", "controlnet"}
-    assert demo.phases_to_force(["mllm"]) == {"mllm"}
-    assert demo.phases_to_force([]) == set()
+    assert demo_phases.phases_to_force(["understanding"]) == {"understanding", "controlnet", "mllm"}
+    assert demo_phases.phases_to_force(["vae"]) == {"vae", "flux", "controlnet"}
+    assert demo_phases.phases_to_force(["flux"]) == {"flux", "controlnet"}
+    assert demo_phases.phases_to_force(["mllm"]) == {"mllm"}
+    assert demo_phases.phases_to_force([]) == set()
 
 
 def _dag_trace(fail=None, workers=2):
     names = list(demo.PHASE_ORDER)
-    deps = {n: [d for d in demo.DEPENDS_ON[n] if d in names] for n in names}
+    deps = {n: [d for d in demo_phases.DEPENDS_ON[n] if d in names] for n in names}
     events, lock = [], threading.Lock()
 
     def fn(name):
@@ -205,7 +207,7 @@ def _dag_trace(fail=None, workers=2):
 
 def test_concurrent_phases_start_after_what_they_start_from():
     names, deps, events, fn = _dag_trace()
-    assert demo._run_dag(names, deps, fn, 2) == {n: n.upper() for n in names}
+    assert demo_phases.run_dag(names, deps, fn, 2) == {n: n.upper() for n in names}
     for name in names:
         for d in deps[name]:
             assert events.index(("end", d)) < events.index(("start", name)), (name, d, events)
@@ -220,7 +222,7 @@ def test_concurrent_phases_start_after_what_they_start_from():
 def test_a_failing_phase_stops_the_ones_that_wait_and_is_raised():
     names, deps, events, fn = _dag_trace(fail="vae")
     with pytest.raises(ValueError, match="vae broke"):
-        demo._run_dag(names, deps, fn, 2)
+        demo_phases.run_dag(names, deps, fn, 2)
     started = {n for kind, n in events if kind == "start"}
     assert "flux" not in started and "controlnet" not in started  # they start from the vae
     assert ("end", "understanding") in events  # the phase beside it finished (its checkpoint is not lost)
@@ -231,7 +233,7 @@ def test_force_retrains_only_the_forced_phases(first_run):
     configs = demo.phase_configs(demo.load_demo_config(SMOKE[2:]), w, fast=True)
     before = _checkpoint_steps(w)
     trained_beside = _losses(w, "mllm")  # the first run trained it beside the vae / flux phases
-    out = demo.run_phases(configs, w, force=["mllm"], progress_bar=False)  # the cheapest phase to retrain
+    out = demo_phases.run_phases(configs, w, force=["mllm"], progress_bar=False)  # the cheapest phase to retrain
     assert {n: out[n]["status"] for n in demo.PHASE_ORDER} == {"understanding": "reused", "vae": "reused",
                                                                "flux": "reused",
                                                                "controlnet": "reused", "mllm": "trained"}
@@ -251,7 +253,7 @@ def test_changed_config_is_refused(first_run):
     w = first_run
     configs = demo.phase_configs(demo.load_demo_config(SMOKE[2:] + ["--config.phases.vae.lr=0.5"]), w, fast=True)
     with pytest.raises(RuntimeError, match="--force vae"):
-        demo.run_phases(configs, w, progress_bar=False)
+        demo_phases.run_phases(configs, w, progress_bar=False)
 
 
 def test_phase_configs_align_the_grids():
@@ -274,4 +276,4 @@ def test_the_latent_cache_does_not_change_a_phase_fingerprint():
     on = demo.phase_configs(demo.load_demo_config([]), "/nonexistent-demo-workdir")
     off = demo.phase_configs(demo.load_demo_config(["--config.cache_clip_latents=False"]), "/nonexistent-demo-workdir")
     assert on["mllm"].data.precomputed_clip_latents and not off["mllm"].data.precomputed_clip_latents
-    assert all(demo._fingerprint(on[n]) == demo._fingerprint(off[n]) for n in demo.PHASE_ORDER)
+    assert all(demo_phases.fingerprint(on[n]) == demo_phases.fingerprint(off[n]) for n in demo.PHASE_ORDER)

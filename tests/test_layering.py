@@ -18,7 +18,7 @@ LAYERS = {
     "sample": 5,
     "train": 6,
     "eval": 7, "aot": 7,
-    "cli": 8, "generate": 8, "chat": 8, "demo": 8, "demo_summary": 8, "__init__": 8,
+    "cli": 8, "generate": 8, "chat": 8, "demo": 8, "demo_phases": 8, "demo_summary": 8, "__init__": 8,
 }
 
 

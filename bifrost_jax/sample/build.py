@@ -27,7 +27,7 @@ from bifrost_jax.components.unet import (clip_projection_component, latent_unet_
                                          unet_component)
 from bifrost_jax.configs import config_dict
 from bifrost_jax.sample.pipeline import BifrostPipeline, FluxTextEncoder, SamplingOptions
-from bifrost_jax.sample.schedulers import SCHEDULERS
+from bifrost_jax.sample.schedulers import DEFAULT_SAMPLER, SCHEDULERS
 from bifrost_jax.sample.unet_pipeline import UNetBifrostPipeline, UNetTextEncoder
 
 BUILD_DOC = """Config schema of ``build_pipeline`` (ml_collections):
@@ -236,7 +236,7 @@ def _build_unet_pipeline(config, placer: _Placer, mllm: MllmComponent, shared: d
         cfg = comp.module.config
         encoders += [comp.module, variables[comp.name],
                      _text_tokenizer(comp.section, cfg, cfg.eos_token_id, cfg.pad_token_id or 0, cfg.bos_token_id)]
-    scheduler = SCHEDULERS[config.sample.get("scheduler", "DPMSolverMultistepScheduler")].from_hf_config(
+    scheduler = SCHEDULERS[config.sample.get("scheduler", DEFAULT_SAMPLER)].from_hf_config(
         config_dict(config.scheduler))
     return UNetBifrostPipeline(transformer=unet.module, transformer_variables=variables["unet"],
                                controlnet=controlnet.module, controlnet_variables=variables["controlnet"],

@@ -32,7 +32,7 @@ from bifrost_jax.data.tokenizers import PaddedTokenizer
 from bifrost_jax.parallel.multislice import mesh_from_config
 from bifrost_jax.sample.build import build_pipeline, components_of
 from bifrost_jax.sample.pipeline import BifrostPipeline, FluxTextEncoder, SamplingOptions
-from bifrost_jax.sample.schedulers import SCHEDULERS
+from bifrost_jax.sample.schedulers import DEFAULT_SAMPLER, SCHEDULERS
 from bifrost_jax.sample.unet_pipeline import UNetBifrostPipeline, UNetTextEncoder
 from bifrost_jax import checkpoint as ckpt
 from bifrost_jax.train.loop import initial_frozen
@@ -78,16 +78,17 @@ def _component(variables: dict, name: str) -> dict:
     return {c: tree[name] for c, tree in variables.items() if name in tree}
 
 
-DEFAULT_UNET_SAMPLER = "DPMSolverMultistepScheduler"
-
-
 def pipeline_from_workdir(workdir: str, *, options: Optional[SamplingOptions] = None, mesh=None,
                           step: Optional[int] = None, sampler: Optional[str] = None) -> BifrostPipeline:
     """The ``BifrostPipeline`` of a trained workdir (its ``controlnet`` and ``mllm`` phases). ``sampler``: a UNet
     decoder's sampling scheduler, one of ``sample.schedulers.SCHEDULERS`` (diffusers' class names; default
     DPM-Solver++ (2M)) on the noise schedule it was trained with; FLUX samples with its flow-matching Euler."""
+    unet = saved_config(workdir, "controlnet", step).get("decoder", "flux") == "unet"
     if sampler is not None and sampler not in SCHEDULERS:
         raise ValueError(f"sampler {sampler!r} is not one of {sorted(SCHEDULERS)}")
+    if sampler is not None and not unet:
+        raise ValueError(f"sampler {sampler!r}: {workdir} has a FLUX decoder, which samples with its flow-matching "
+                         "Euler scheduler (the sampler choice is for UNet decoders)")
     cn, cn_vars = phase_variables(workdir, "controlnet", mesh=mesh, step=step)
     mp, mllm_vars = phase_variables(workdir, "mllm", mesh=mesh, step=step)
     c = cn.config
@@ -101,11 +102,8 @@ def pipeline_from_workdir(workdir: str, *, options: Optional[SamplingOptions] = 
                   mllm_variables=_component(mllm_vars, "mllm"), tokenizer=tokenizer,
                   max_prompt_length=int(m.mllm.max_prompt_length), vision=cn.vision.module,
                   vision_variables=vision_vars, mesh=mesh, options=options or SamplingOptions())
-    if c.get("decoder", "flux") == "unet":
-        return _unet_pipeline(cn, cn_vars, shared, sampler or DEFAULT_UNET_SAMPLER)
-    if sampler is not None:
-        raise ValueError(f"sampler {sampler!r}: {workdir} has a FLUX decoder, which samples with its flow-matching "
-                         "Euler scheduler (the sampler choice is for UNet decoders)")
+    if unet:
+        return _unet_pipeline(cn, cn_vars, shared, sampler or DEFAULT_SAMPLER)
     tok_dir = None if (c.t5.tokenizer_dir and c.clip.tokenizer_dir) else word_tokenizer_dir(c.data, None)
     encode_text = FluxTextEncoder(cn.t5.module, _component(cn_vars, "t5"),
                                   PaddedTokenizer(c.t5.tokenizer_dir or tok_dir, c.t5.max_length),

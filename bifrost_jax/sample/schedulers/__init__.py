@@ -9,3 +9,5 @@ from bifrost_jax.sample.schedulers.guidance import cfg_denoise, guided  # noqa: 
 
 SCHEDULERS = {"DDIMScheduler": DDIMConfig, "EulerDiscreteScheduler": EulerDiscreteConfig,
               "DPMSolverMultistepScheduler": DPMSolverMultistepConfig}
+# what a UNet decoder samples with unless told otherwise (a generation config's sample.scheduler, --sampler)
+DEFAULT_SAMPLER = "DPMSolverMultistepScheduler"
